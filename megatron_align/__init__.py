@@ -1,0 +1,3 @@
+"""megatron-align: alignment pretraining studies on Megatron-Core."""
+
+__version__ = "0.1.0"
