@@ -1,0 +1,1 @@
+"""Llama-family models use Megatron-Core's stock layers; see megatron_align.models.build."""

@@ -1,0 +1,1 @@
+"""Process groups, parallel state, seeding, and the CPU redirection for machines without a GPU."""

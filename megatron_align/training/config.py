@@ -1,0 +1,246 @@
+"""The typed config of one training run (pretraining, midtraining, continued pretraining).
+
+A run is this object. ``malign train RUN.yaml --set optimizer.lr=1e-4`` loads it from YAML, applies
+overrides, validates it before any process group exists, and saves the resolved copy beside every
+checkpoint. SFT and DPO configs extend it (``megatron_align.posttrain``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_align.config import ConfigError, load_config, load_yaml, deep_merge, parse_overrides, from_dict
+from megatron_align.data.config import DataConfig
+from megatron_align.models.config import ModelConfig, resolve_model_section
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    # Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B.
+    virtual_pipeline: int | None = None
+    context: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    # Megatron's DDP knobs that matter at scale.
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    # "auto": bf16 on GPU, fp32 on CPU.
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # FP8 through Transformer Engine (Hopper or newer).
+    fp8: Literal[None, "hybrid", "e4m3"] = None
+    fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    # Use Transformer Engine layer specs when TE imports ("auto"), always, or never.
+    transformer_engine: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class SchedulerConfig:
+    # cosine: warmup then cosine to min_lr; wsd: warmup-stable-decay; constant; linear.
+    style: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    # Warmup as a fraction of the run's steps (the paper: 1%) or as a step count.
+    warmup_fraction: float | None = 0.01
+    warmup_steps: int | None = None
+    # WSD: the decay phase's share of the run, and its shape.
+    wsd_decay_fraction: float = 0.2
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+
+
+@dataclass
+class TrainingSchedule:
+    # Steps of the run (optimizer steps). Give this or train_tokens.
+    train_steps: int | None = None
+    train_tokens: int | None = None
+    seq_length: int = 2048
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seed: int = 1234
+    eval_interval: int | None = None
+    eval_iters: int = 4
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+
+@dataclass
+class InitConfig:
+    """Where the weights come from: random (pretraining) or a checkpoint (midtraining / CPT)."""
+
+    checkpoint: str | None = None
+    # Load optimizer state and step too (False for a new phase: new blend, schedule, seq length).
+    load_optimizer: bool = False
+    # A specific step dir of the checkpoint; None = its latest complete one.
+    step: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: str | None = None
+    save_interval: int | None = None
+    save_at_end: bool = True
+    keep_last: int | None = None
+    # Resume from the latest complete checkpoint in save_dir if one exists.
+    auto_resume: bool = True
+    # Save on SIGTERM / SIGUSR1 and exit with EXIT_REQUEUE.
+    save_on_signal: bool = True
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "megatron-align"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    # "offline" never needs a login.
+    mode: Literal["online", "offline", "disabled"] = "offline"
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    jsonl: bool = True
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Peak dense TFLOP/s of one device for the MFU estimate; None = known GPU table, else not reported.
+    peak_tflops: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    # Where logs, checkpoints and the data cache go unless configured otherwise.
+    run_dir: str = "runs/run"
+    tokenizer: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: TrainingSchedule = field(default_factory=TrainingSchedule)
+    data: DataConfig = field(default_factory=DataConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def save_dir(self) -> str:
+        return self.checkpoint.save_dir or os.path.join(self.run_dir, "checkpoints")
+
+    @property
+    def train_steps(self) -> int:
+        t = self.training
+        if t.train_steps is not None:
+            return t.train_steps
+        return -(-t.train_tokens // t.tokens_per_step)
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Checks that need no process group; ``world_size`` adds the layout checks."""
+        self.model.validate()
+        t, p = self.training, self.parallel
+        if (t.train_steps is None) == (t.train_tokens is None):
+            raise ConfigError("training: give exactly one of train_steps and train_tokens")
+        if self.train_steps <= 0:
+            raise ConfigError("training.train_steps must be positive")
+        if t.seq_length > self.model.max_position_embeddings and self.model.arch == "gpt_neox":
+            # RoPE has no table size, but a longer sequence than the model was built for is a typo
+            # more often than a plan; midtraining raises max_position_embeddings with it.
+            raise ConfigError(
+                f"training.seq_length={t.seq_length} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}; raise model.max_position_embeddings too")
+        m = self.model
+        if m.num_attention_heads % p.tensor:
+            raise ConfigError(f"parallel.tensor={p.tensor} does not divide model.num_attention_heads={m.num_attention_heads}")
+        if m.kv_heads % p.tensor:
+            raise ConfigError(f"parallel.tensor={p.tensor} does not divide the key/value heads ({m.kv_heads})")
+        if m.ffn_size % p.tensor:
+            raise ConfigError(f"parallel.tensor={p.tensor} does not divide model.ffn_hidden_size={m.ffn_size}")
+        stages = p.pipeline * (p.virtual_pipeline or 1)
+        if m.num_layers % stages:
+            raise ConfigError(
+                f"parallel.pipeline={p.pipeline} x virtual_pipeline={p.virtual_pipeline or 1} does not divide "
+                f"model.num_layers={m.num_layers}")
+        if p.virtual_pipeline is not None and p.pipeline < 2:
+            raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline >= 2")
+        if p.sequence_parallel and p.tensor == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
+        if t.seq_length % (p.tensor if p.sequence_parallel else 1):
+            raise ConfigError("training.seq_length must be divisible by parallel.tensor with sequence_parallel")
+        if p.context > 1 and t.seq_length % (2 * p.context):
+            raise ConfigError("training.seq_length must be divisible by 2 x parallel.context")
+        if self.precision.fp8 and self.precision.dtype in ("fp32",):
+            raise ConfigError("precision.fp8 needs precision.dtype bf16 (or auto on a GPU)")
+        if world_size is not None:
+            mp = p.tensor * p.pipeline * p.context
+            if world_size % mp:
+                raise ConfigError(
+                    f"parallel: tensor x pipeline x context = {mp} does not divide the world size {world_size}")
+            dp = world_size // mp
+            if t.global_batch_size % (t.micro_batch_size * dp):
+                raise ConfigError(
+                    f"training.global_batch_size={t.global_batch_size} is not a multiple of "
+                    f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+            if p.virtual_pipeline is not None:
+                n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+                if n_micro % p.pipeline:
+                    raise ConfigError("interleaved pipelining needs the number of microbatches to be a multiple of parallel.pipeline")
+        self.data.validate()
+
+
+def _resolve(raw: dict, source: str | None) -> dict:
+    raw = dict(raw)
+    if "model" in raw:
+        try:
+            raw["model"] = resolve_model_section(raw["model"])
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+    return raw
+
+
+def load_train_config(path: str | None = None, overrides: list[str] | None = None,
+                      base: dict | None = None, cls=TrainConfig):
+    """YAML + ``--set`` -> validated config (layout checks happen once the world size is known)."""
+    data = dict(base or {})
+    source = None
+    if path is not None:
+        source = str(path)
+        data = deep_merge(data, load_yaml(path))
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+        source = f"{source} (with --set)" if source else "--set"
+    cfg = from_dict(cls, _resolve(data, source), source=source)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+    return cfg
+
+
+__all__ = [
+    "TrainConfig", "ParallelConfig", "PrecisionConfig", "OptimizerConfig", "SchedulerConfig",
+    "TrainingSchedule", "InitConfig", "CheckpointConfig", "LoggingConfig", "WandbConfig",
+    "load_train_config", "load_config",
+]

@@ -1,0 +1,402 @@
+"""The training loop: pretraining, midtraining and continued pretraining on Megatron-Core.
+
+Read top to bottom: :func:`train` sets up the process group and parallel state, builds the model
+chunks (one per virtual pipeline stage) wrapped in Megatron's DDP, the optimizer and LR schedule,
+loads a checkpoint (resume) or initial weights (midtraining / continued pretraining), builds the
+datasets, then runs :func:`train_step` until the step budget, evaluating, logging and saving on
+the way. The same code runs on a laptop CPU (gloo) and an H100 cluster (NCCL, BF16/FP8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_align.config import ConfigError, atomic_write_text, save_yaml
+from megatron_align.models.build import build_model, resolve_dtype, transformer_config, use_transformer_engine
+from megatron_align.runtime import distributed as rt
+from megatron_align.training import checkpoint as ckpt
+from megatron_align.training.batches import microbatches
+from megatron_align.training.config import TrainConfig
+from megatron_align.training.logger import MetricsLogger, device_peak_tflops, memory_gb
+from megatron_align.training.signals import EXIT_REQUEUE, PreemptionHandler
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    step: int
+    final_loss: float | None
+    final_eval_loss: float | None
+    checkpoint: str | None
+    summary_path: str | None
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+def resolve_tokenizer(cfg: TrainConfig):
+    """Fill model.vocab_size from the tokenizer; return (eod_id, pad_id)."""
+    if cfg.tokenizer is None:
+        if cfg.model.vocab_size is None:
+            raise ConfigError("give tokenizer or model.vocab_size")
+        return cfg.model.vocab_size - 1, cfg.model.vocab_size - 1
+    from data_tools.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(cfg.tokenizer)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tok.vocab_size
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tok.vocab_size}, {cfg.tokenizer})")
+    eod = tok.eod_id if tok.eod_id is not None else tok.vocab_size - 1
+    pad = tok.pad_id if tok.pad_id is not None else eod
+    return eod, pad
+
+
+def build_model_chunks(cfg: TrainConfig, *, wrap_ddp: bool = True):
+    """One GPTModel per virtual pipeline stage of this rank, wrapped in Megatron's DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    tconfig = transformer_config(cfg.model, cfg.parallel, cfg.precision, seq_length=cfg.training.seq_length)
+    # Per-token loss across microbatches and data-parallel ranks (exact for masked SFT batches too).
+    tconfig.calculate_per_token_loss = True
+    te = use_transformer_engine(cfg.precision)
+    vp = cfg.parallel.virtual_pipeline
+    chunks = []
+    for i in range(vp or 1):
+        vp_stage = i if vp else None
+        chunk = build_model(
+            cfg.model, tconfig,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage, te=te)
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    if not wrap_ddp:
+        return chunks
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    return [DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=c,
+                                    disable_bucketing=(i > 0)) for i, c in enumerate(chunks)]
+
+
+def build_optimizer(cfg: TrainConfig, model_chunks, total_steps: int):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optimizer
+    dtype = resolve_dtype(cfg.precision)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                        clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                        params_dtype=dtype, use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+                        overlap_param_gather=cfg.parallel.overlap_param_gather),
+        model_chunks)
+    s = cfg.scheduler
+    warmup = s.warmup_steps if s.warmup_steps is not None else int(round((s.warmup_fraction or 0.0) * total_steps))
+    style = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}[s.style]
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=total_steps, lr_decay_style=style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=total_steps, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+        wsd_decay_steps=max(1, int(round(s.wsd_decay_fraction * total_steps))) if s.style == "wsd" else None,
+        lr_wsd_decay_style=s.wsd_decay_style if s.style == "wsd" else None,
+    )
+    return optimizer, scheduler
+
+
+def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron's (loss_sum, num_tokens, report) contract: per-token mean over the global batch."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(output_tensor.float().reshape(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(lm_loss, batch["loss_mask"])
+
+
+class PretrainTask:
+    """What a training stage plugs into the loop. SFT and DPO (``megatron_align.posttrain``) subclass it.
+
+    ``forward_step`` follows Megatron's contract; its loss function returns
+    ``(loss_sum, num_tokens, {metric: tensor([sum, count]), ...})``. The first metric is the loss
+    reported as ``loss``; every metric is reported as its global sum / count.
+    """
+
+    name = "pretrain"
+    loss_key = "lm loss"
+
+    def build_datasets(self, cfg: TrainConfig, *, train_samples: int, valid_samples: int, eod_id: int,
+                       pad_id: int):
+        from megatron_align.data.gpt_datasets import build_pretraining_datasets
+
+        return build_pretraining_datasets(
+            cfg.data, seq_length=cfg.training.seq_length, seed=cfg.training.seed, train_samples=train_samples,
+            valid_samples=valid_samples, eod_id=eod_id, pad_id=pad_id,
+            cache_dir=cfg.data.cache_dir or str(Path(cfg.run_dir) / "data_cache"))
+
+    def collate(self, samples: list[dict]) -> dict:
+        from megatron_align.training.batches import collate
+
+        return collate(samples)
+
+    def forward_step(self, data_iterator, model):
+        return forward_step(data_iterator, model)
+
+    def tokens_per_sample(self, cfg: TrainConfig) -> int:
+        return cfg.training.seq_length
+
+
+def global_metrics(losses_reduced: list[dict]) -> dict[str, float]:
+    """Per-microbatch {metric: [sum, count]} of this rank -> global sum / count, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    keys = sorted({k for d in losses_reduced for k in d})
+    # Every rank must join the all-reduce with the same shape: agree on the key count first.
+    n = torch.tensor([len(keys)], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    total = torch.zeros(int(n.item()), 2, dtype=torch.float64)
+    # One contributor per (data, context) shard: last pipeline stage, tensor rank 0.
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+        for d in losses_reduced:
+            for i, k in enumerate(keys):
+                total[i] += d[k].detach().to("cpu", torch.float64).reshape(2)
+    if dist.is_initialized():
+        t = total.cuda() if torch.cuda.is_available() else total
+        dist.all_reduce(t)
+        total = t.cpu()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            # Earlier stages do not know the names; the last rank is on the last stage.
+            names = [keys]
+            dist.broadcast_object_list(names, src=dist.get_world_size() - 1)
+            keys = names[0]
+    return {k: float(total[i, 0] / total[i, 1].clamp(min=1)) for i, k in enumerate(keys)}
+
+
+def global_mean_loss(losses_reduced: list[dict], key: str = "lm loss") -> float:
+    return global_metrics(losses_reduced)[key]
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer step and one evaluation
+# --------------------------------------------------------------------------------------------
+
+def train_step(cfg: TrainConfig, task, model_chunks, optimizer, scheduler, data_iterator, num_microbatches: int):
+    """One optimizer step over a global batch; returns (metrics, grad_norm)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for m in model_chunks:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=task.forward_step, data_iterator=data_iterator, model=model_chunks,
+        num_microbatches=num_microbatches, seq_length=task.tokens_per_sample(cfg),
+        micro_batch_size=cfg.training.micro_batch_size, forward_only=False)
+    update_ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    return global_metrics(losses), (float(grad_norm) if grad_norm is not None else float("nan"))
+
+
+@torch.no_grad()
+def evaluate(cfg: TrainConfig, task, model_chunks, valid_ds, num_microbatches: int, dp_rank: int,
+             dp_size: int) -> dict[str, float]:
+    """Metrics over the same first ``eval_iters`` global batches of the validation set, every time."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for m in model_chunks:
+        m.eval()
+    it = [microbatches(valid_ds, start_sample=0, micro_batch_size=cfg.training.micro_batch_size,
+                       dp_rank=dp_rank, dp_size=dp_size, device=_device(), collate_fn=task.collate)
+          for _ in model_chunks]
+    it = it if len(it) > 1 else it[0]
+    losses = []
+    for _ in range(cfg.training.eval_iters):
+        losses += get_forward_backward_func()(
+            forward_step_func=task.forward_step, data_iterator=it, model=model_chunks,
+            num_microbatches=num_microbatches, seq_length=task.tokens_per_sample(cfg),
+            micro_batch_size=cfg.training.micro_batch_size, forward_only=True)
+    for m in model_chunks:
+        m.train()
+    return global_metrics(losses)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, task: PretrainTask | None = None, *, destroy_process_group: bool = True) -> RunResult:
+    from megatron.core import parallel_state as ps
+
+    task = task or PretrainTask()
+    # Layout errors are reported before any process group exists.
+    cfg.validate(world_size=rt.world_from_env().world_size)
+    world = rt.init_process_group()
+    rt.init_parallel_state(cfg.parallel, cfg.training.seed)
+    eod_id, pad_id = resolve_tokenizer(cfg)
+    rank0 = rt.is_rank0()
+    t = cfg.training
+    total_steps = cfg.train_steps
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
+    run_dir = Path(cfg.run_dir)
+
+    model_chunks = build_model_chunks(cfg)
+    optimizer, scheduler = build_optimizer(cfg, model_chunks, total_steps)
+    config = model_chunks[0].config
+    from megatron.core.distributed import finalize_model_grads
+
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    if cfg.parallel.overlap_grad_reduce:
+        no_sync = [m.no_sync for m in model_chunks]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+    # Resume from this run's own latest checkpoint, else initialise from another run's weights.
+    state = TrainState()
+    latest = ckpt.latest_checkpoint(cfg.save_dir) if cfg.checkpoint.auto_resume else None
+    resumed_from = init_from = None
+    if latest is not None:
+        saved = ckpt.load_checkpoint(latest, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler)
+        state = TrainState(step=saved["step"], consumed_samples=saved["consumed_samples"])
+        resumed_from = str(latest)
+    elif cfg.init.checkpoint:
+        init_dir = ckpt.resolve_checkpoint(cfg.init.checkpoint, cfg.init.step)
+        ckpt.load_checkpoint(init_dir, model_chunks=model_chunks,
+                             optimizer=optimizer if cfg.init.load_optimizer else None, load_rng=False)
+        init_from = str(init_dir)
+        if not cfg.init.load_optimizer and hasattr(optimizer, "reload_model_params"):
+            # Mixed precision keeps fp32 main params: make them follow the loaded weights.
+            optimizer.reload_model_params()
+
+    # Data: sample order is a function of the data config and seed; resume continues at consumed_samples.
+    eval_on = t.eval_interval is not None or cfg.init.checkpoint is not None
+    train_ds, valid_ds = task.build_datasets(
+        cfg, train_samples=total_steps * t.global_batch_size,
+        valid_samples=t.eval_iters * t.global_batch_size if eval_on else 0, eod_id=eod_id, pad_id=pad_id)
+    iters = [microbatches(train_ds, start_sample=state.consumed_samples, micro_batch_size=t.micro_batch_size,
+                          dp_rank=dp_rank, dp_size=dp_size, device=_device(), collate_fn=task.collate)
+             for _ in model_chunks]
+    data_iterator = iters if len(iters) > 1 else iters[0]
+
+    logger = MetricsLogger(cfg, total_steps=total_steps, enabled=rank0,
+                           jsonl_path=run_dir / "logs" / "train.jsonl", name=cfg.name)
+    if rank0:
+        save_yaml(cfg, run_dir / "config.yaml")
+        where = f"resumed from {resumed_from}" if resumed_from else (f"initialised from {init_from}" if init_from else "from scratch")
+        n_params = cfg.model.num_params(cfg.parallel.tensor)
+        print(f"[{cfg.name}] {n_params / 1e6:.2f}M parameters, world {world.world_size} "
+              f"(TP {cfg.parallel.tensor} PP {cfg.parallel.pipeline} DP {dp_size}), {resolve_dtype(cfg.precision)}, "
+              f"{total_steps} steps x {t.tokens_per_step:,} tokens, {where}", flush=True)
+
+    peak = device_peak_tflops(cfg.logging.peak_tflops)
+    flops_per_token = cfg.model.flops_per_token(t.seq_length)
+    signals = PreemptionHandler() if cfg.checkpoint.save_on_signal else None
+    last_loss = last_eval = None
+    saved_at = None
+
+    def save():
+        nonlocal saved_at
+        train_state = {"step": state.step, "consumed_samples": state.consumed_samples}
+        saved_at = ckpt.save_checkpoint(cfg.save_dir, state.step, model_chunks=model_chunks, optimizer=optimizer,
+                                        scheduler=scheduler, train_state=train_state, config=cfg,
+                                        keep_last=cfg.checkpoint.keep_last)
+
+    def run_eval():
+        metrics = evaluate(cfg, task, model_chunks, valid_ds, num_micro, dp_rank, dp_size)
+        logger.log(state.step, {"eval_loss": metrics[task.loss_key],
+                                **{k.replace(" ", "_"): v for k, v in metrics.items() if k != task.loss_key}},
+                   kind="eval")
+        return metrics[task.loss_key]
+
+    if eval_on and state.step == 0 and init_from is not None:
+        last_eval = run_eval()
+
+    exit_code = 0
+    tokens_per_step = t.global_batch_size * task.tokens_per_sample(cfg)
+    while state.step < total_steps:
+        t0 = time.time()
+        metrics, grad_norm = train_step(cfg, task, model_chunks, optimizer, scheduler, data_iterator, num_micro)
+        dt = time.time() - t0
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        last_loss = metrics[task.loss_key]
+        if state.step % cfg.logging.log_interval == 0 or state.step == total_steps:
+            tps = tokens_per_step / dt
+            mfu = (flops_per_token * tps / (peak * 1e12 * world.world_size)) if peak else None
+            extra = {k.replace(" ", "_"): v for k, v in metrics.items() if k != task.loss_key}
+            logger.log(state.step, {"loss": last_loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                                    "grad_norm": grad_norm, "tokens_per_s": tps, "step_time_s": dt, "mfu": mfu,
+                                    "mem_gb": memory_gb(), "consumed_samples": state.consumed_samples, **extra})
+        if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == total_steps):
+            last_eval = run_eval()
+        if cfg.checkpoint.save_interval and state.step % cfg.checkpoint.save_interval == 0:
+            save()
+        if signals is not None and state.step < total_steps and signals.should_stop():
+            save()
+            exit_code = EXIT_REQUEUE
+            if rank0:
+                print(f"[{cfg.name}] signal received: saved {saved_at}, exiting with {EXIT_REQUEUE} to be requeued",
+                      flush=True)
+            break
+
+    if exit_code == 0 and cfg.checkpoint.save_at_end and (saved_at is None or saved_at.name != ckpt.step_dir_name(state.step)):
+        save()
+    if signals is not None:
+        signals.restore()
+    logger.close()
+
+    summary_path = None
+    if rank0:
+        summary = {"name": cfg.name, "exit_code": exit_code, "step": state.step, "total_steps": total_steps,
+                   "consumed_samples": state.consumed_samples, "final_loss": last_loss,
+                   "final_eval_loss": last_eval, "checkpoint": str(saved_at) if saved_at else None,
+                   "log": str(run_dir / "logs" / "train.jsonl"), "resumed_from": resumed_from,
+                   "initialised_from": init_from}
+        summary_path = run_dir / "summary.json"
+        atomic_write_text(summary_path, json.dumps(summary, indent=2))
+        if exit_code == 0:
+            print(f"[{cfg.name}] done: {state.step} steps, final loss {last_loss:.4f}"
+                  + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
+                  + f"\n  checkpoint: {saved_at}\n  metrics:    {run_dir / 'logs' / 'train.jsonl'}"
+                  + f"\n  summary:    {summary_path}", flush=True)
+    result = RunResult(exit_code, state.step, last_loss, last_eval, str(saved_at) if saved_at else None,
+                       str(summary_path) if summary_path else None)
+    if destroy_process_group:
+        rt.destroy()
+    return result
