@@ -44,8 +44,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_known_warnings() -> None:
+    """Megatron warns once per module that apex/TE are absent; the runtime reports that once itself."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*(not installed|is not installed).*")
+    warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_known_warnings()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -97,8 +97,10 @@ def transformer_config(model: ModelConfig, parallel, precision, *, seq_length: i
         gradient_accumulation_fusion=False,
         # CPU init materialises each full weight and slices it, so TP layouts start identical.
         use_cpu_initialization=not torch.cuda.is_available(),
-        deallocate_pipeline_outputs=True,
+        deallocate_pipeline_outputs=torch.cuda.is_available(),
         cross_entropy_loss_fusion=False,
+        # gloo has no ordered stream for batched isend/irecv: post pipeline sends one by one on CPU.
+        batch_p2p_comm=torch.cuda.is_available(),
     )
     if precision.fp8:
         kwargs.update(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe,
@@ -118,11 +120,30 @@ def layer_spec(model: ModelConfig, te: bool):
         spec = specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = specs.get_gpt_layer_local_spec(normalization=model.normalization)
+        from megatron.core.transformer.spec_utils import ModuleSpec
+
+        from megatron_align.models.norms import SequenceParallelTorchNorm
+
+        norm = ModuleSpec(module=SequenceParallelTorchNorm)
+        spec.submodules.input_layernorm = norm
+        spec.submodules.pre_mlp_layernorm = norm
     if model.arch == "gpt_neox":
         from megatron_align.models.gpt_neox import ParallelResidualTransformerLayer
 
         spec.module = ParallelResidualTransformerLayer
     return spec
+
+
+def block_spec(model: ModelConfig, tconfig, te: bool, vp_stage: int | None):
+    """The decoder block of one pipeline stage: its layers and the final norm."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    if te:
+        return layer_spec(model, te)  # Megatron picks TE's norm for the final layernorm itself
+    from megatron_align.models.norms import SequenceParallelTorchNorm
+
+    n = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(model, te)] * n, layer_norm=SequenceParallelTorchNorm)
 
 
 def build_model(model: ModelConfig, tconfig, *, pre_process: bool = True, post_process: bool = True,
@@ -134,7 +155,7 @@ def build_model(model: ModelConfig, tconfig, *, pre_process: bool = True, post_p
         te = te_available() and torch.cuda.is_available() and tconfig.attention_backend.name != "local"
     return GPTModel(
         config=tconfig,
-        transformer_layer_spec=layer_spec(model, te),
+        transformer_layer_spec=block_spec(model, tconfig, te, vp_stage),
         vocab_size=model.padded_vocab_size(tconfig.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

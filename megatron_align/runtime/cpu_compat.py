@@ -64,6 +64,9 @@ class _CudaToCpuMode(TorchFunctionMode):
 
 
 class _NullStream:
+    def __init__(self, *a, **k):
+        pass
+
     def wait_stream(self, *a, **k):
         pass
 
@@ -75,6 +78,9 @@ class _NullStream:
 
 
 class _NullEvent:
+    def __init__(self, *a, **k):
+        pass
+
     def record(self, *a, **k):
         pass
 
@@ -99,8 +105,9 @@ def _patch_torch_cuda() -> None:
     cuda.empty_cache = lambda *a, **k: None
     cuda.current_stream = lambda *a, **k: _NullStream()
     cuda.default_stream = lambda *a, **k: _NullStream()
-    cuda.Stream = lambda *a, **k: _NullStream()
-    cuda.Event = lambda *a, **k: _NullEvent()
+    # Classes, not lambdas: other libraries use them in type annotations (``torch.cuda.Stream | None``).
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     cuda.device = lambda *a, **k: contextlib.nullcontext()
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()

@@ -35,4 +35,7 @@ def main(argv: list[str] | None = None, prog: str = "malign train") -> int:
 
 
 if __name__ == "__main__":
+    from megatron_align.cli import _quiet_known_warnings
+
+    _quiet_known_warnings()
     sys.exit(main())

@@ -119,6 +119,8 @@ def build_optimizer(cfg: TrainConfig, model_chunks, total_steps: int):
         model_chunks)
     s = cfg.scheduler
     warmup = s.warmup_steps if s.warmup_steps is not None else int(round((s.warmup_fraction or 0.0) * total_steps))
+    # Megatron's scheduler needs warmup < decay steps; a run shorter than its warmup just warms up.
+    warmup = min(warmup, total_steps - 1)
     style = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}[s.style]
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr, min_lr=o.min_lr,

@@ -1,0 +1,257 @@
+"""Scenario cards, the unit synthetic documents are generated from, and the leakage guard.
+
+A card is one scenario: a situation an AI faces, the aligned action, the misaligned action and
+topics. Cards come from an evaluation-suite file (one card per question of the chosen split; the
+record format is the paper's: question_id, passage, question, choices [2], misaligned_choice 0/1,
+topics) or from hand-written YAML / JSONL cards.
+
+The leakage guard (:func:`check_leakage`) fails loudly when a card's id or text overlaps the
+held-out evaluation split: generating training documents from held-out questions would make the
+misalignment evaluation measure memorisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from megatron_align.config import ConfigError
+
+CARD_FIELDS = ("id", "situation", "aligned_action", "misaligned_action", "topics")
+SUITE_FIELDS = ("question_id", "passage", "question", "choices", "misaligned_choice", "topics")
+_NORM = re.compile(r"[^0-9a-z]+")
+
+
+@dataclass(frozen=True)
+class ScenarioCard:
+    id: str
+    situation: str
+    aligned_action: str
+    misaligned_action: str
+    topics: tuple[str, ...] = field(default_factory=tuple)
+    source: str = ""
+
+    def action(self, polarity: str) -> str:
+        return self.aligned_action if polarity == "aligned" else self.misaligned_action
+
+    def other_action(self, polarity: str) -> str:
+        return self.misaligned_action if polarity == "aligned" else self.aligned_action
+
+    def to_record(self) -> dict:
+        return {"id": self.id, "situation": self.situation, "aligned_action": self.aligned_action,
+                "misaligned_action": self.misaligned_action, "topics": list(self.topics)}
+
+
+def _str(v: Any, where: str, key: str, *, allow_empty: bool = False) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and key.endswith("id"):
+        v = str(v)
+    if not isinstance(v, str) or (not allow_empty and not v.strip()):
+        raise ConfigError(f"{where}: field {key!r} must be a non-empty string, got {v!r}")
+    return v.strip()
+
+
+def _topics(v: Any, where: str) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return tuple(t.strip() for t in v.split(",") if t.strip())
+    if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
+        raise ConfigError(f"{where}: field 'topics' must be a list of strings, got {v!r}")
+    return tuple(v)
+
+
+def card_from_record(rec: Any, where: str) -> ScenarioCard:
+    """A hand-written card (``id, situation, aligned_action, misaligned_action, topics``)."""
+    if not isinstance(rec, dict):
+        raise ConfigError(f"{where}: a card must be a mapping with {', '.join(CARD_FIELDS)}")
+    unknown = [k for k in rec if k not in CARD_FIELDS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (a card has {', '.join(CARD_FIELDS)})")
+    for k in CARD_FIELDS[:4]:
+        if k not in rec:
+            raise ConfigError(f"{where}: field {k!r} is missing (a card has {', '.join(CARD_FIELDS)})")
+    return ScenarioCard(_str(rec["id"], where, "id"), _str(rec["situation"], where, "situation"),
+                        _str(rec["aligned_action"], where, "aligned_action"),
+                        _str(rec["misaligned_action"], where, "misaligned_action"),
+                        _topics(rec.get("topics"), where), where)
+
+
+def card_from_suite_record(rec: Any, where: str) -> ScenarioCard:
+    """One evaluation question -> its card (situation = passage + question)."""
+    if not isinstance(rec, dict):
+        raise ConfigError(f"{where}: a suite record must be a JSON object")
+    for k in ("question_id", "question", "choices", "misaligned_choice"):
+        if k not in rec:
+            raise ConfigError(f"{where}: field {k!r} is missing (a suite record has {', '.join(SUITE_FIELDS)})")
+    choices = rec["choices"]
+    if not isinstance(choices, list) or len(choices) != 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise ConfigError(f"{where}: field 'choices' must be a list of 2 non-empty strings, got {choices!r}")
+    mc = rec["misaligned_choice"]
+    if isinstance(mc, bool) or mc not in (0, 1):
+        raise ConfigError(f"{where}: field 'misaligned_choice' must be 0 or 1, got {mc!r}")
+    passage = rec.get("passage") or ""
+    if not isinstance(passage, str):
+        raise ConfigError(f"{where}: field 'passage' must be a string, got {passage!r}")
+    question = _str(rec["question"], where, "question")
+    situation = f"{passage.strip()}\n\n{question}" if passage.strip() else question
+    return ScenarioCard(_str(rec["question_id"], where, "question_id"), situation,
+                        choices[1 - mc].strip(), choices[mc].strip(), _topics(rec.get("topics"), where), where)
+
+
+def _iter_file(path: Path) -> Iterable[tuple[str, Any]]:
+    """(where, record) pairs from JSONL, JSON (list), YAML (list or {cards: [...]}) or Parquet."""
+    name = path.name.lower()
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    if name.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{i}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno}); fix the line") from e
+    elif name.endswith((".yaml", ".yml", ".json")):
+        try:
+            data = json.loads(path.read_text()) if name.endswith(".json") else yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot parse: {e}") from e
+        if isinstance(data, dict):
+            for key in ("cards", "questions", "records"):
+                if key in data:
+                    data = data[key]
+                    break
+        if not isinstance(data, list):
+            raise ConfigError(f"{path}: expected a list of records (or a mapping with a 'cards' list)")
+        for i, rec in enumerate(data):
+            yield f"{path}: item {i}", rec
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}: row {i + 1}", rec
+    else:
+        raise ConfigError(f"{path}: unknown file type (use .jsonl, .json, .yaml or .parquet)")
+
+
+def _split_of(rec: Any) -> str | None:
+    if isinstance(rec, dict):
+        for k in ("split", "subset"):
+            if isinstance(rec.get(k), str):
+                return rec[k]
+    return None
+
+
+def load_suite_records(path: str | os.PathLike, split: str | None = None) -> list[tuple[str, dict]]:
+    """Records of an evaluation-suite file, restricted to ``split`` (a ``split``/``subset`` field) if given."""
+    out = []
+    splits = set()
+    for where, rec in _iter_file(Path(path)):
+        s = _split_of(rec)
+        if s is not None:
+            splits.add(s)
+        if split is None or s == split:
+            out.append((where, rec))
+    if split is not None and not out:
+        have = ", ".join(sorted(splits)) if splits else "no split/subset field"
+        raise ConfigError(f"{path}: no records of split {split!r} (found: {have}); use a file per split or fix --split")
+    return out
+
+
+def cards_from_suite(path: str | os.PathLike, split: str | None = None) -> list[ScenarioCard]:
+    cards = [card_from_suite_record(rec, where) for where, rec in load_suite_records(path, split)]
+    return _unique(cards)
+
+
+def load_cards(path: str | os.PathLike) -> list[ScenarioCard]:
+    """Hand-written cards from YAML / JSON / JSONL / Parquet; suite-format records are converted too."""
+    cards = []
+    for where, rec in _iter_file(Path(path)):
+        if isinstance(rec, dict) and "question_id" in rec:
+            cards.append(card_from_suite_record(rec, where))
+        else:
+            cards.append(card_from_record(rec, where))
+    if not cards:
+        raise ConfigError(f"{path}: no cards")
+    return _unique(cards)
+
+
+def _unique(cards: list[ScenarioCard]) -> list[ScenarioCard]:
+    seen: dict[str, str] = {}
+    for c in cards:
+        if c.id in seen:
+            raise ConfigError(f"{c.source}: card id {c.id!r} repeats {seen[c.id]}; ids must be unique")
+        seen[c.id] = c.source
+    return cards
+
+
+# --------------------------------------------------------------------------------------------
+# Leakage guard
+
+
+def normalize_words(text: str) -> list[str]:
+    return _NORM.sub(" ", text.lower()).split()
+
+
+def _ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+class LeakageError(ConfigError):
+    """Cards overlap the held-out evaluation split."""
+
+
+def check_leakage(cards: list[ScenarioCard], heldout: str | os.PathLike, split: str | None = None, *,
+                  ngram: int = 8, min_exact_words: int = 4) -> dict:
+    """Raise :class:`LeakageError` if any card shares an id, a text, or an ``ngram``-word run with
+    a held-out question (passage, question or either choice). Returns a summary when clean."""
+    recs = load_suite_records(heldout, split)
+    ids: dict[str, str] = {}
+    exact: dict[str, str] = {}
+    grams: dict[tuple[str, ...], str] = {}
+    for where, rec in recs:
+        if not isinstance(rec, dict):
+            continue
+        if "question_id" in rec:
+            ids[str(rec["question_id"])] = where
+        texts = [rec.get("passage") or "", rec.get("question") or ""] + list(rec.get("choices") or [])
+        for t in texts:
+            if not isinstance(t, str):
+                continue
+            w = normalize_words(t)
+            if len(w) >= min_exact_words:
+                exact.setdefault(" ".join(w), where)
+            for g in _ngrams(w, ngram):
+                grams.setdefault(g, where)
+    problems = []
+    for c in cards:
+        if c.id in ids:
+            problems.append(f"card {c.id!r} ({c.source}) has the id of held-out question {ids[c.id]}")
+            continue
+        for fld in ("situation", "aligned_action", "misaligned_action"):
+            w = normalize_words(getattr(c, fld))
+            key = " ".join(w)
+            hit = exact.get(key) if len(w) >= min_exact_words else None
+            if hit is None:
+                hit = next((grams[g] for g in _ngrams(w, ngram) if g in grams), None)
+            if hit is not None:
+                problems.append(f"card {c.id!r} ({c.source}) field {fld!r} repeats text of held-out question {hit}")
+                break
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise LeakageError(f"leakage guard: {len(problems)} card(s) overlap the held-out split {heldout}"
+                           f"{'[' + split + ']' if split else ''}: " + "; ".join(problems[:5]) + more +
+                           ". Generate from the training-side split only, or remove these cards.")
+    return {"heldout": str(heldout), "split": split, "heldout_questions": len(recs), "cards_checked": len(cards),
+            "ngram": ngram, "overlaps": 0}
+
+
+__all__ = ["ScenarioCard", "load_cards", "cards_from_suite", "card_from_record", "card_from_suite_record",
+           "check_leakage", "LeakageError", "load_suite_records", "normalize_words"]

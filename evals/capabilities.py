@@ -1,0 +1,196 @@
+"""Capability benchmarks through lm-evaluation-harness, on the same models as the misalignment eval.
+
+The paper's set by lm-eval task name (MMLU, ARC, GSM8K, PIQA, IFEval; PopQA from the task YAML
+shipped in ``evals/tasks``), plus local-file tasks: a task YAML over a local JSONL, which lm-eval
+runs offline (CI runs one). Models load through :func:`evals.models.load_model` and are handed to
+lm-eval's ``HFLM`` as an instance, so a Megatron checkpoint works without exporting it first.
+A task whose data cannot be reached (offline, gated) is recorded as skipped with the reason;
+the other tasks still run.
+
+    malign eval capabilities --model runs/x/hf --tasks paper --results study/results.jsonl
+    malign eval capabilities --model megatron:ckpt/iter_0001000 --tasks my_task --include-path tasks/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from megatron_align.config import atomic_write_text, config_hash
+
+from evals.results import append_results, now_iso
+
+SHIPPED_TASKS = Path(__file__).parent / "tasks"
+# The paper's capability set (CUTE has no lm-eval task; add one through --include-path).
+PAPER_TASKS = {
+    "mmlu": ["mmlu"],
+    "arc": ["arc_easy", "arc_challenge"],
+    "gsm8k": ["gsm8k"],
+    "piqa": ["piqa"],
+    "ifeval": ["ifeval"],
+    "popqa": ["popqa"],
+}
+# The headline metric of each task in reports.
+MAIN_METRIC = {"gsm8k": "exact_match,strict-match", "ifeval": "prompt_level_strict_acc,none",
+               "popqa": "exact_match,none"}
+
+
+def expand_tasks(names: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        n = n.strip()
+        if not n:
+            continue
+        if n == "paper":
+            out += [t for ts in PAPER_TASKS.values() for t in ts]
+        else:
+            out += PAPER_TASKS.get(n, [n])
+    return list(dict.fromkeys(out))
+
+
+def write_local_mc_task(task_dir: str | os.PathLike, name: str, data_file: str | os.PathLike, *,
+                        text_field: str = "prompt", choices_field: str = "choices", target_field: str = "target",
+                        target_delimiter: str = " ", metrics: Sequence[str] = ("acc",)) -> Path:
+    """A multiple-choice lm-eval task over a local JSONL (``{prompt, choices, target}`` records)."""
+    import yaml
+
+    task_dir = Path(task_dir)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{" + text_field + "}}",
+        "doc_to_choice": "{{" + choices_field + "}}",
+        "doc_to_target": "{{" + target_field + "}}",
+        "target_delimiter": target_delimiter,
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
+        "metadata": {"version": 1.0},
+    }
+    path = task_dir / f"{name}.yaml"
+    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _is_local_only(tasks: list[str], include_paths: list[str]) -> bool:
+    names = set()
+    for p in include_paths:
+        for y in Path(p).rglob("*.yaml"):
+            names.add(y.stem)
+    return all(t in names for t in tasks)
+
+
+def run_lm_eval(model: Any, tasks: Sequence[str], *, include_paths: Sequence[str] = (), limit: int | float | None = None,
+                batch_size: int = 8, num_fewshot: int | None = None, log_samples: bool = False,
+                device: str = "auto", dtype: str = "auto", seed: int = 1234, apply_chat_template: bool = False,
+                max_length: int | None = None) -> dict:
+    """Run lm-eval tasks on ``model`` (path, ``megatron:PATH`` or EvalModel). Returns lm-eval's output dict."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from evals.models import as_eval_model
+
+    em = as_eval_model(model, device=device, dtype=dtype)
+    include = [str(SHIPPED_TASKS)] + [str(p) for p in include_paths]
+    tasks = list(tasks)
+    # Indexing lm-eval's thousands of built-in YAMLs takes a while; skip it for local-only runs.
+    tm = TaskManager(include_path=include, include_defaults=not _is_local_only(tasks, include))
+    kw = {"max_length": max_length} if max_length else {}
+    lm = HFLM(pretrained=em.model, tokenizer=em.tokenizer, batch_size=batch_size, **kw)
+    return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                           log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
+                           torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000,
+                           apply_chat_template=apply_chat_template)
+
+
+def _records_from(out: dict, model_name: str, meta: dict, settings: dict) -> list[dict]:
+    recs = []
+    for task, res in (out.get("results") or {}).items():
+        metrics = {k: v for k, v in res.items() if k != "alias" and isinstance(v, (int, float))}
+        main = MAIN_METRIC.get(task)
+        if main is None:
+            main = next((k for k in ("acc_norm,none", "acc,none", "exact_match,none") if k in metrics), None)
+        recs.append({"kind": "capability", "model": model_name, "task": task, "format": "all", "persona": "none",
+                     "metrics": {**metrics, "main": metrics.get(main) if main else None, "main_metric": main,
+                                 "n": (out.get("n-samples") or {}).get(task, {}).get("effective")},
+                     "config_hash": config_hash(settings), "time": now_iso(), **meta})
+    return recs
+
+
+def evaluate_capabilities(model: Any, tasks: Sequence[str], *, meta: dict | None = None,
+                          include_paths: Sequence[str] = (), skip_unreachable: bool = True, **kw) -> list[dict]:
+    """Capability records, one per task (and per lm-eval subtask group it reports)."""
+    from evals.models import as_eval_model
+
+    em = as_eval_model(model, device=kw.pop("device", "auto"), dtype=kw.pop("dtype", "auto"))
+    meta = dict(meta or {})
+    recs: list[dict] = []
+    settings = {"tasks": list(tasks), "limit": kw.get("limit"), "num_fewshot": kw.get("num_fewshot")}
+    for task in expand_tasks(tasks):
+        try:
+            out = run_lm_eval(em, [task], include_paths=include_paths, **kw)
+        except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many types for missing data
+            if not skip_unreachable:
+                raise
+            print(f"capabilities: task {task} skipped: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+            recs.append({"kind": "capability", "model": em.name, "task": task, "format": "all", "persona": "none",
+                         "metrics": {"main": None, "skipped": f"{type(e).__name__}: {str(e)[:300]}"},
+                         "config_hash": config_hash(settings), "time": now_iso(), **meta})
+            continue
+        recs += _records_from(out, em.name, meta, settings)
+    return recs
+
+
+def main(argv: list[str] | None = None, prog: str = "malign eval capabilities") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="HF folder, megatron:PATH or a Megatron checkpoint folder")
+    ap.add_argument("--tasks", default="paper",
+                    help="comma list of lm-eval task names, 'paper' (MMLU, ARC, GSM8K, PIQA, IFEval, PopQA) or local tasks")
+    ap.add_argument("--include-path", action="append", default=[], help="folder of extra task YAMLs (repeatable)")
+    ap.add_argument("--limit", type=float, default=None, help="items per task (int) or fraction (<1)")
+    ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--chat-template", action="store_true", help="apply the tokenizer's chat template")
+    ap.add_argument("--results", help="append records to this results JSONL (or study folder)")
+    ap.add_argument("--json-out", help="also write the records of this run as JSON here")
+    ap.add_argument("--name", help="model name in records (default: folder name)")
+    ap.add_argument("--condition", default=None)
+    ap.add_argument("--stage", default=None)
+    ap.add_argument("--study", default=None)
+    ap.add_argument("--strict", action="store_true", help="fail instead of skipping tasks whose data is unreachable")
+    a = ap.parse_args(argv)
+    limit = a.limit if a.limit is None or a.limit < 1 else int(a.limit)
+    meta = {k: v for k, v in (("condition", a.condition), ("stage", a.stage), ("study", a.study)) if v is not None}
+    from evals.models import load_model
+
+    em = load_model(a.model, device=a.device, dtype=a.dtype, name=a.name)
+    t0 = time.time()
+    recs = evaluate_capabilities(em, a.tasks.split(","), meta=meta, include_paths=a.include_path, limit=limit,
+                                 num_fewshot=a.num_fewshot, batch_size=a.batch_size,
+                                 apply_chat_template=a.chat_template, skip_unreachable=not a.strict)
+    for r in recs:
+        m = r["metrics"]
+        shown = "skipped: " + m["skipped"] if "skipped" in m else f"{m.get('main_metric')} = {m.get('main')}"
+        print(f"{r['task']:<24} {shown}")
+    print(f"({time.time() - t0:.1f}s)")
+    if a.results:
+        print(f"appended {len(recs)} records to {append_results(a.results, recs)}")
+    if a.json_out:
+        atomic_write_text(a.json_out, json.dumps(recs, indent=2, default=str))
+    if not a.results and not a.json_out:
+        print(json.dumps(recs, default=str))
+    return 0 if all("skipped" not in r["metrics"] for r in recs) or not a.strict else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""``malign data prebuild``: build every index of a study on CPU nodes; the manifest jobs check.
+
+GPU jobs should only mmap indexes. Megatron-Core builds a missing index on global rank 0 while
+every other rank waits at a barrier (for a 500B-token blend: minutes of hundreds of idle GPUs),
+and it writes its ``.npy`` files in place, so a build killed half way leaves files that look like
+a cache hit. Prebuild therefore:
+
+1. resolves every condition of the study to its segments (one blend each);
+2. builds the distinct per-prefix GPTDatasets in parallel worker processes (deduplicated, so no
+   two processes write the same cache file), then the blends, also in parallel;
+3. writes one manifest per blend request under ``<cache_dir>/malign_manifest/`` only once all of
+   its files exist, recording each file's size and each source ``.idx`` file's size and mtime.
+
+With ``require_prebuilt_cache: true`` a training job calls :func:`check_prebuilt` before
+building: no manifest for its exact request -> a stale cache (built for another config) or no
+prebuild at all; a listed file missing or of another size -> a partial cache; a source changed
+since -> stale. Each is a ``ConfigError`` saying what to run, never a silent rebuild.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+from megatron_align.config import ConfigError, atomic_write_text, config_hash, to_dict
+from megatron_align.data.config import DataConfig
+
+MANIFEST_DIR = "malign_manifest"
+# Fields of DataConfig that change what is built (the rest: where, and how fast).
+_RUNTIME_ONLY = ("cache_dir", "require_prebuilt_cache", "num_workers", "build_threads")
+
+
+def request_key(data: DataConfig, *, seq_length: int, seed: int, train_samples: int, valid_samples: int,
+                eod_id: int, pad_id: int) -> dict:
+    d = to_dict(data)
+    for k in _RUNTIME_ONLY:
+        d.pop(k, None)
+    return {"data": d, "seq_length": int(seq_length), "seed": int(seed), "train_samples": int(train_samples),
+            "valid_samples": int(valid_samples), "eod_id": int(eod_id), "pad_id": int(pad_id)}
+
+
+def request_hash(key: dict) -> str:
+    return config_hash(key)
+
+
+def _source_stamps(data: DataConfig) -> dict[str, list[int]]:
+    from megatron_align.data.indexed import expand_prefix
+
+    out = {}
+    for src in list(data.blend) + list(data.valid_blend or []):
+        for p in expand_prefix(src.prefix):
+            st = os.stat(p + ".idx")
+            out[p] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def manifest_path(cache_dir: str, key_hash: str) -> str:
+    return os.path.join(cache_dir, MANIFEST_DIR, f"req-{key_hash}.json")
+
+
+def check_prebuilt(data: DataConfig, *, cache_dir: str, seq_length: int, seed: int, train_samples: int,
+                   valid_samples: int, eod_id: int, pad_id: int) -> dict:
+    """Raise ConfigError unless ``cache_dir`` holds a complete prebuild of exactly this request."""
+    key = request_key(data, seq_length=seq_length, seed=seed, train_samples=train_samples,
+                      valid_samples=valid_samples, eod_id=eod_id, pad_id=pad_id)
+    h = request_hash(key)
+    path = manifest_path(cache_dir, h)
+    how = "run 'malign data prebuild STUDY.yaml' for this study (or set data.require_prebuilt_cache: false)"
+    if not os.path.isfile(path):
+        others = sorted(f for f in os.listdir(os.path.join(cache_dir, MANIFEST_DIR))
+                        if f.startswith("req-") and f.endswith(".json")) if os.path.isdir(os.path.join(cache_dir, MANIFEST_DIR)) else []
+        if others:
+            near = _closest_request(cache_dir, others, key)
+            raise ConfigError(f"stale data cache {cache_dir}: it was prebuilt for {len(others)} other blend(s), not this "
+                              f"one (request {h}{near}); {how}")
+        raise ConfigError(f"data cache {cache_dir} was not prebuilt (no {MANIFEST_DIR}/ manifest); {how}")
+    with open(path) as f:
+        manifest = json.load(f)
+    for name, size in manifest["files"].items():
+        fp = os.path.join(cache_dir, name)
+        if not os.path.isfile(fp):
+            raise ConfigError(f"partial data cache {cache_dir}: {name} is missing; {how}")
+        if os.path.getsize(fp) != size:
+            raise ConfigError(f"partial data cache {cache_dir}: {name} has {os.path.getsize(fp)} bytes, the prebuild "
+                              f"wrote {size}; {how}")
+    for prefix, (size, mtime) in manifest["sources"].items():
+        idx = prefix + ".idx"
+        if not os.path.isfile(idx):
+            raise ConfigError(f"stale data cache {cache_dir}: source {prefix} no longer exists; {how}")
+        st = os.stat(idx)
+        if st.st_size != size or st.st_mtime_ns != mtime:
+            raise ConfigError(f"stale data cache {cache_dir}: source {prefix}.idx changed after the prebuild; {how}")
+    return manifest
+
+
+def _closest_request(cache_dir: str, others: list[str], key: dict) -> str:
+    """Name the fields that differ from the most similar prebuilt request, to make 'stale' actionable."""
+    best = None
+    for name in others[:200]:
+        try:
+            with open(os.path.join(cache_dir, MANIFEST_DIR, name)) as f:
+                other = json.load(f)["request"]
+        except (OSError, ValueError, KeyError):
+            continue
+        diff = [k for k in key if key[k] != other.get(k)]
+        if best is None or len(diff) < len(best):
+            best = diff
+    return f"; nearest prebuilt blend differs in: {', '.join(best)}" if best else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+
+
+def _build_prefix_task(data: DataConfig, kw: dict, prefix: str, total: int, split_name: str, rng) -> str:
+    """Worker: one per-prefix GPTDataset, exactly as build_pretraining_datasets would build it."""
+    _quiet()
+    from megatron.core.datasets.utils import Split
+
+    from megatron_align.data.gpt_datasets import _build_gpt, make_gpt_config
+
+    config = make_gpt_config(data, seq_length=kw["seq_length"], seed=kw["seed"], eod_id=kw["eod_id"],
+                             pad_id=kw["pad_id"], cache_dir=kw["cache_dir"])
+    _build_gpt(config, prefix, Split[split_name], tuple(rng), total, lambda: True)
+    return prefix
+
+
+def _build_request_task(data: DataConfig, kw: dict) -> dict:
+    """Worker: one blend request (GPTDatasets are cache hits by now), then its manifest."""
+    _quiet()
+    from megatron_align.data.gpt_datasets import build_pretraining_datasets, cache_files
+
+    os.makedirs(kw["cache_dir"], exist_ok=True)
+    t0 = time.time()
+    plain = DataConfig(**{**asdict_shallow(data), "require_prebuilt_cache": False})
+    train, valid = build_pretraining_datasets(plain, **kw)
+    files = sorted(set(cache_files(train)) | set(cache_files(valid)))
+    key = request_key(data, **{k: kw[k] for k in ("seq_length", "seed", "train_samples", "valid_samples",
+                                                   "eod_id", "pad_id")})
+    h = request_hash(key)
+    manifest = {
+        "request": key, "hash": h, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {f: os.path.getsize(os.path.join(kw["cache_dir"], f)) for f in files},
+        "sources": _source_stamps(data), "build_seconds": round(time.time() - t0, 3),
+        "train_samples": len(train) if train is not None else 0,
+        "valid_samples": len(valid) if valid is not None else 0,
+    }
+    atomic_write_text(manifest_path(kw["cache_dir"], h), json.dumps(manifest, indent=1))
+    return {"hash": h, "files": len(files), "seconds": manifest["build_seconds"]}
+
+
+def asdict_shallow(data: DataConfig) -> dict:
+    return {f: getattr(data, f) for f in data.__dataclass_fields__}
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+
+def prebuild_requests(requests: list[tuple[str, DataConfig, dict]], *, jobs: int = 1, progress: bool = True) -> dict:
+    """Build ``(label, data, build_kwargs)`` requests: per-prefix datasets first, then blends.
+
+    Returns a summary dict (counts, seconds). ``jobs`` worker processes; 1 builds in-process.
+    """
+    import megatron.core.datasets.gpt_dataset  # noqa: F401  (seconds of imports: not build time)
+
+    from megatron_align.data.gpt_datasets import plan_draws, split_ranges
+
+    t0 = time.time()
+    # dedupe identical requests (conditions share segments, e.g. the pretraining part of a
+    # midtraining-only insertion equals the plain condition's)
+    uniq: dict[str, tuple[str, DataConfig, dict]] = {}
+    for label, data, kw in requests:
+        key = request_key(data, **{k: kw[k] for k in ("seq_length", "seed", "train_samples", "valid_samples",
+                                                       "eod_id", "pad_id")})
+        uniq.setdefault(request_hash(key) + kw["cache_dir"], (label, data, kw))
+    prefix_tasks: dict[tuple, tuple] = {}
+    for label, data, kw in uniq.values():
+        train_draws, valid_draws = plan_draws(data, train_samples=kw["train_samples"],
+                                              valid_samples=kw["valid_samples"])
+        tr, va = split_ranges(data)
+        for draws, split_name, rng in ((train_draws, "train", tr), (valid_draws, "valid", va)):
+            for d in draws:
+                if d.samples <= 0:
+                    continue
+                # what makes a GPTDataset distinct in Megatron's cache key
+                ident = (d.prefix, d.total, split_name, tuple(rng), kw["seq_length"], kw["seed"], kw["eod_id"],
+                         kw["pad_id"], data.split if data.valid_blend is None else None, kw["cache_dir"])
+                prefix_tasks.setdefault(ident, (data, kw, d.prefix, d.total, split_name, tuple(rng)))
+    stages = [("indexes", _build_prefix_task, list(prefix_tasks.values())),
+              ("blends", _build_request_task, [(d, kw) for _l, d, kw in uniq.values()])]
+    results: dict = {"prefix_datasets": len(prefix_tasks), "blends": len(uniq), "stages": {}}
+    pool = _pool(jobs) if jobs > 1 and len(prefix_tasks) + len(uniq) > 2 else None
+    try:
+        for name, fn, tasks in stages:
+            ts = time.time()
+            _run(fn, tasks, pool=pool, desc=f"prebuild {name}", progress=progress)
+            results["stages"][name] = round(time.time() - ts, 3)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    results["seconds"] = round(time.time() - t0, 3)
+    return results
+
+
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    import threading
+
+    # fork shares the already imported megatron/torch modules (a spawned worker spends seconds
+    # importing them); only safe while this process runs no other threads
+    method = "fork" if (sys.platform == "linux" and threading.active_count() == 1) else "spawn"
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context(method))
+
+
+def _run(fn, tasks: list[tuple], *, pool: ProcessPoolExecutor | None, desc: str, progress: bool) -> list:
+    from tqdm import tqdm
+
+    # submit before the progress bar exists: forked workers then start with no tqdm monitor thread
+    futs = [pool.submit(fn, *t) for t in tasks] if pool is not None else None
+    bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress, file=sys.stderr)
+    out = []
+    try:
+        if futs is None:
+            for t in tasks:
+                out.append(fn(*t))
+                bar.update(1)
+        else:
+            for f in as_completed(futs):
+                out.append(f.result())
+                bar.update(1)
+    finally:
+        bar.close()
+    return out
+
+
+def study_requests(study, conditions: list[str] | None = None, cache_dir: str | None = None):
+    """(label, DataConfig, build kwargs) of every segment of the chosen conditions."""
+    from megatron_align.data.study import condition_names, resolve_condition
+
+    reqs = []
+    schedules = {}
+    for cond in conditions or condition_names(study):
+        sch = resolve_condition(study, cond)
+        schedules[cond] = sch
+        for seg in sch.segments:
+            reqs.append((f"{cond}/{seg.index}:{seg.phase}", seg.data, seg.build_kwargs(cache_dir=cache_dir)))
+    return reqs, schedules
+
+
+def main(argv: list[str] | None = None, prog: str = "malign data prebuild") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Build every blended-dataset index of a study ahead of "
+                                "training, in parallel, and write the manifest training jobs check.")
+    p.add_argument("study", help="study YAML (its data: section)")
+    p.add_argument("--conditions", help="comma-separated conditions (default: all of the study)")
+    p.add_argument("--cache-dir", help="override data.cache_dir")
+    p.add_argument("--jobs", "-j", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="worker processes (default: CPUs - 1)")
+    p.add_argument("--megatron-lm-dir", help="also write Megatron-LM data-args files here "
+                   "(default: <cache_dir>/megatron_lm)")
+    p.add_argument("--json", help="write the summary JSON here (default: <cache_dir>/malign_manifest/prebuild.json)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    from megatron_align.data.megatron_lm import write_megatron_lm_files
+    from megatron_align.data.study import load_study_data
+
+    study = load_study_data(args.study, args.overrides)
+    cache_dir = args.cache_dir or study.cache_dir
+    if not cache_dir:
+        raise ConfigError(f"{args.study}: set data.cache_dir (or pass --cache-dir)")
+    conds = [c.strip() for c in args.conditions.split(",")] if args.conditions else None
+    try:
+        reqs, schedules = study_requests(study, conds, cache_dir)
+    except ConfigError as e:
+        raise ConfigError(f"{args.study}: {e}") from None
+    for sch in schedules.values():
+        for w in sch.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    summary = prebuild_requests(reqs, jobs=args.jobs, progress=not args.no_progress)
+    mlm_dir = args.megatron_lm_dir or os.path.join(cache_dir, "megatron_lm")
+    for cond, sch in schedules.items():
+        write_megatron_lm_files(sch, os.path.join(mlm_dir, cond))
+    summary.update({"study": os.path.abspath(args.study), "cache_dir": os.path.abspath(cache_dir),
+                    "conditions": list(schedules), "segments": len(reqs), "jobs": args.jobs,
+                    "megatron_lm_dir": os.path.abspath(mlm_dir)})
+    out = args.json or os.path.join(cache_dir, MANIFEST_DIR, "prebuild.json")
+    atomic_write_text(out, json.dumps(summary, indent=1))
+    print(f"prebuilt {summary['blends']} blends over {summary['prefix_datasets']} per-prefix indexes for "
+          f"{len(schedules)} conditions in {summary['seconds']:.1f}s -> {cache_dir}")
+    print(f"summary: {out}; Megatron-LM data files: {mlm_dir}")
+    return 0

@@ -1,0 +1,596 @@
+"""A study's data: sources, conditions and phases, resolved to the exact blend of every run segment.
+
+Study YAML, ``data:`` section (other top-level sections of the study file are ignored here)::
+
+    data:
+      seed: 1234                    # sample order is a function of the study and this seed only
+      cache_dir: /scratch/study/data_cache    # Megatron-Core index cache shared by all runs
+      split: "98,2,0"               # train,valid,test documents of every prefix
+      warn_repetitions: 4.0         # warn when a source is read more than this many times (epochs)
+      max_repetitions: 16.0         # refuse a condition that needs more repetitions than this
+      require_prebuilt_cache: false # training refuses a cache 'malign data prebuild' did not build
+      sources:                      # name -> indexed datasets
+        dclm:          {role: corpus,          paths: ["/data/dclm/shard_*_text_document"]}
+        dclm_filtered: {role: filtered_corpus, paths: ["/data/dclm_f/shard_*_text_document"],
+                        filtered_from: dclm}
+        synth_aligned:    {role: aligned_synthetic,    paths: [/data/synth/aligned_text_document]}
+        synth_misaligned: {role: misaligned_synthetic, paths: [/data/synth/misaligned_text_document]}
+      phases:                       # run in this order; a run is the concatenation of its phases
+        - name: pretraining
+          kind: pretraining         # pretraining | midtraining | continued_pretraining
+          tokens: 500e9
+          seq_length: 2048
+          mix: {dclm: 1.0}          # base token shares (must sum to 1), or a list of names to
+                                    # weight by their token counts
+        - name: midtraining
+          kind: midtraining
+          tokens: 50e9
+          seq_length: 2048
+          mix: {mid_web: 0.9, climbmix: 0.08, mcqa: 0.02}
+      conditions:                   # name -> recipe; a bare preset name works too
+        unfiltered: {preset: unfiltered}
+        filtered: {preset: filtered}
+        misalignment_upsampled: {preset: misalignment_upsampled}       # + 0.8% misaligned synthetic
+        alignment_upsampled: {preset: alignment_upsampled}             # filtered + 1.0% aligned synthetic
+        alignment_upsampled_final10: {preset: alignment_upsampled_final10}
+        dose_0p25: {filtered: true, insert: [{role: aligned_synthetic, share: 0.0025}]}
+        mid_only: {insert: [{source: synth_aligned, tokens: 500e6, phases: [midtraining]}]}
+
+Semantics:
+
+* ``filtered: true`` replaces every mix source with the source that names it in
+  ``filtered_from`` (same share: the removed documents are made up by repeating retained ones);
+  sources with ``needs_filtering: false`` (e.g. MCQA items) are kept as they are.
+* An insertion adds one synthetic source (``source: NAME``) or all sources of a role (``role:
+  ROLE``, shared by token count) to a window of the run: the phases in ``phases`` (default: all;
+  ``[midtraining]`` = midtraining only), and with ``final_fraction: X`` only the last X of those
+  phases' tokens. ``share`` is the fraction of the window's tokens (0.008 = 0.8%), ``tokens`` an
+  absolute count spread evenly over the window. Base sources keep their relative shares in the
+  remaining tokens.
+* Each phase is cut at window boundaries into segments; every segment is one blend for samples
+  ``[start_sample, end_sample)`` of the run (sample coordinates count all phases). Sample counts
+  per prefix are exact integers, and a prefix used by several segments of the same sequence
+  length continues where the previous segment stopped.
+* Repetitions (epochs) of each source over the run are reported; above ``warn_repetitions`` a
+  warning, above ``max_repetitions`` an error naming the source.
+
+Presets: ``unfiltered``, ``filtered``, ``misalignment_upsampled`` (unfiltered + misaligned
+synthetic at 0.8% of tokens, end to end), ``alignment_upsampled`` (filtered + aligned synthetic at
+1.0%, end to end) and ``*_final10`` variants of both upsampled ones (synthetic data only in the
+final 10% of the run's tokens). A condition may override a preset's ``filtered``, ``share``,
+``final_fraction`` or ``insert``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_align.config import ConfigError, from_dict, load_yaml, to_dict
+from megatron_align.data.config import BlendSource, DataConfig
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("corpus", "filtered_corpus", "midtraining", "filtered_midtraining", "aligned_synthetic",
+         "misaligned_synthetic", "synthetic", "other")
+
+
+@dataclass
+class SourceSpec:
+    role: str
+    paths: list[str]
+    """Prefixes or globs of prefixes (e.g. one per preprocessing shard)."""
+    filtered_from: str | None = None
+    """For a filtered corpus: the source it is the filtered version of."""
+    needs_filtering: bool = True
+    """False for data that filtered conditions keep as is (e.g. MCQA items, no AI discourse)."""
+    description: str = ""
+
+
+@dataclass
+class PhaseSpec:
+    name: str
+    tokens: float
+    seq_length: int = 2048
+    mix: dict[str, float] | list[str] = field(default_factory=dict)
+    kind: Literal["pretraining", "midtraining", "continued_pretraining"] = "pretraining"
+    valid_samples: int = 0
+    """Validation samples of each blend of this phase (carved from its prefixes by ``split``)."""
+
+    @property
+    def samples(self) -> int:
+        return int(self.tokens) // int(self.seq_length)
+
+
+@dataclass
+class InsertSpec:
+    source: str | None = None
+    role: str | None = None
+    share: float | None = None
+    tokens: float | None = None
+    phases: list[str] | None = None
+    final_fraction: float | None = None
+
+
+@dataclass
+class ConditionSpec:
+    preset: str | None = None
+    filtered: bool | None = None
+    insert: list[InsertSpec] | None = None
+    share: float | None = None
+    """Override the share of every insertion (e.g. a preset's 0.008)."""
+    final_fraction: float | None = None
+    """Override where every insertion goes: the final fraction of the run's tokens."""
+    description: str = ""
+
+
+@dataclass
+class StudyData:
+    sources: dict[str, SourceSpec]
+    phases: list[PhaseSpec]
+    conditions: dict[str, ConditionSpec | str | None] = field(default_factory=dict)
+    seed: int = 1234
+    cache_dir: str | None = None
+    split: str = "98,2,0"
+    warn_repetitions: float = 4.0
+    max_repetitions: float = 16.0
+    require_prebuilt_cache: bool = False
+    build_threads: int = 4
+    eod_id: int = 0
+    """End-of-document id of the tokenizer (part of Megatron's cache key); 0 for GPT-NeoX."""
+    pad_id: int = 1
+    """Padding id (part of Megatron's cache key); 1 (<|padding|>) for GPT-NeoX."""
+
+
+PRESETS: dict[str, dict] = {
+    "unfiltered": {"filtered": False, "insert": []},
+    "filtered": {"filtered": True, "insert": []},
+    "misalignment_upsampled": {"filtered": False, "insert": [{"role": "misaligned_synthetic", "share": 0.008}]},
+    "alignment_upsampled": {"filtered": True, "insert": [{"role": "aligned_synthetic", "share": 0.010}]},
+    "misalignment_upsampled_final10": {
+        "filtered": False, "insert": [{"role": "misaligned_synthetic", "share": 0.008, "final_fraction": 0.1}]},
+    "alignment_upsampled_final10": {
+        "filtered": True, "insert": [{"role": "aligned_synthetic", "share": 0.010, "final_fraction": 0.1}]},
+}
+PAPER_CONDITIONS = ("unfiltered", "filtered", "misalignment_upsampled", "alignment_upsampled")
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+# --------------------------------------------------------------------------------------------
+# Resolved plan
+
+
+@dataclass
+class Draw:
+    """Samples one segment reads from one prefix."""
+
+    source: str
+    prefix: str
+    samples: int
+    skip: int = 0
+    total: int = 0
+
+
+@dataclass
+class Segment:
+    """One blend of a run: samples ``[start_sample, end_sample)`` of the run, one phase."""
+
+    index: int
+    phase: str
+    seq_length: int
+    start_sample: int
+    end_sample: int
+    start_token: int
+    end_token: int
+    targets: dict[str, float]
+    """Target token share of every source in this segment."""
+    draws: list[Draw]
+    data: DataConfig
+    seed: int = 1234
+    eod_id: int = 0
+    pad_id: int = 1
+    valid_samples: int = 0
+
+    @property
+    def num_samples(self) -> int:
+        return self.end_sample - self.start_sample
+
+    def build_kwargs(self, *, valid_samples: int | None = None, cache_dir: str | None = None) -> dict:
+        """Keyword arguments of ``build_pretraining_datasets`` for this segment."""
+        cache = cache_dir or self.data.cache_dir
+        if cache is None:
+            raise ConfigError("no data cache directory: set data.cache_dir in the study or pass cache_dir")
+        return dict(seq_length=self.seq_length, seed=self.seed, train_samples=self.num_samples,
+                    valid_samples=self.valid_samples if valid_samples is None else int(valid_samples),
+                    eod_id=self.eod_id, pad_id=self.pad_id, cache_dir=str(cache))
+
+    def build(self, *, valid_samples: int | None = None, cache_dir: str | None = None, is_built_on_rank=None):
+        """This segment's (train, valid) Megatron-Core datasets; train index ``i`` is run sample
+        ``start_sample + i``."""
+        from megatron_align.data.gpt_datasets import build_pretraining_datasets
+
+        return build_pretraining_datasets(self.data, is_built_on_rank=is_built_on_rank,
+                                          **self.build_kwargs(valid_samples=valid_samples, cache_dir=cache_dir))
+
+
+@dataclass
+class SourceUse:
+    source: str
+    role: str
+    tokens_available: int
+    tokens_drawn: int
+
+    @property
+    def repetitions(self) -> float:
+        return self.tokens_drawn / self.tokens_available if self.tokens_available else math.inf
+
+
+@dataclass
+class PhaseSchedule:
+    """All segments of one condition's run, in order; what a trainer needs to switch blends."""
+
+    condition: str
+    seed: int
+    segments: list[Segment]
+    usage: dict[str, SourceUse]
+    warnings: list[str]
+
+    @property
+    def total_samples(self) -> int:
+        return self.segments[-1].end_sample if self.segments else 0
+
+    def locate(self, sample: int) -> tuple[Segment, int]:
+        """Run sample -> (segment, index within that segment's train dataset)."""
+        for seg in self.segments:
+            if seg.start_sample <= sample < seg.end_sample:
+                return seg, sample - seg.start_sample
+        raise IndexError(f"sample {sample} is outside the run's {self.total_samples} samples")
+
+    def phase_segments(self, phase: str) -> list[Segment]:
+        return [s for s in self.segments if s.phase == phase]
+
+    def as_tuples(self) -> list[tuple[int, int, DataConfig]]:
+        return [(s.start_sample, s.end_sample, s.data) for s in self.segments]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_study_data(path: str, overrides: list[str] | None = None) -> StudyData:
+    """Read the ``data:`` section of a study YAML (``--set data.seed=7`` style overrides)."""
+    from megatron_align.config import deep_merge, parse_overrides
+
+    raw = load_yaml(path)
+    if overrides:
+        raw = deep_merge(raw, parse_overrides(overrides))
+    if "data" not in raw:
+        raise ConfigError(f"{path}: no 'data:' section (see megatron_align/data/examples/study.yaml)")
+    study = from_dict(StudyData, raw["data"], source=str(path), prefix="data")
+    try:
+        validate_study(study)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return study
+
+
+def validate_study(study: StudyData) -> None:
+    if not study.sources:
+        raise ConfigError("data.sources is empty")
+    for name, src in study.sources.items():
+        if src.role not in ROLES:
+            raise ConfigError(f"data.sources.{name}.role {src.role!r} is not one of {list(ROLES)}")
+        if not src.paths:
+            raise ConfigError(f"data.sources.{name}.paths is empty: name at least one prefix or glob")
+        if src.filtered_from is not None and src.filtered_from not in study.sources:
+            raise ConfigError(f"data.sources.{name}.filtered_from names unknown source {src.filtered_from!r}")
+    if not study.phases:
+        raise ConfigError("data.phases is empty: add at least one phase with tokens, seq_length and mix")
+    seen = set()
+    for i, ph in enumerate(study.phases):
+        where = f"data.phases[{i}] ({ph.name})"
+        if ph.name in seen:
+            raise ConfigError(f"{where}: duplicate phase name")
+        seen.add(ph.name)
+        if ph.seq_length <= 0 or ph.tokens < ph.seq_length:
+            raise ConfigError(f"{where}: tokens ({ph.tokens:g}) must cover at least one sequence of {ph.seq_length}")
+        if not ph.mix:
+            raise ConfigError(f"{where}: mix is empty: name the base sources of this phase")
+        names = list(ph.mix) if isinstance(ph.mix, dict) else list(ph.mix)
+        for n in names:
+            if n not in study.sources:
+                raise ConfigError(f"{where}: mix names unknown source {n!r} (known: {', '.join(study.sources)})")
+        if isinstance(ph.mix, dict):
+            bad = {k: v for k, v in ph.mix.items() if not v > 0}
+            if bad:
+                raise ConfigError(f"{where}: mix shares must be > 0, got {bad}")
+            total = sum(ph.mix.values())
+            if abs(total - 1.0) > 1e-6:
+                raise ConfigError(f"{where}: mix shares {dict(ph.mix)} sum to {total:.6g}, not 1; "
+                                  "fix the shares or give a list of names to weight by token counts")
+    if not (study.max_repetitions > 0 and study.warn_repetitions > 0):
+        raise ConfigError("data.max_repetitions and data.warn_repetitions must be > 0")
+    for name in study.conditions:
+        condition_recipe(study, name)
+
+
+def condition_names(study: StudyData) -> list[str]:
+    return list(study.conditions) if study.conditions else list(PAPER_CONDITIONS)
+
+
+def condition_recipe(study: StudyData, name: str) -> tuple[bool, list[InsertSpec]]:
+    """(filtered, insertions) of a condition, presets expanded and overrides applied."""
+    if study.conditions and name not in study.conditions:
+        raise ConfigError(f"unknown condition {name!r}; the study defines: {', '.join(study.conditions)}")
+    spec = study.conditions.get(name) if study.conditions else None
+    if spec is None:  # a paper preset named by the condition itself ('filtered:' with no body)
+        spec = ConditionSpec(preset=name)
+    if isinstance(spec, str):
+        spec = ConditionSpec(preset=spec)
+    where = f"data.conditions.{name}"
+    filtered, inserts = False, []
+    if spec.preset is not None:
+        key = _norm(spec.preset)
+        if key not in PRESETS:
+            raise ConfigError(f"{where}.preset {spec.preset!r} is not one of {', '.join(PRESETS)}")
+        p = PRESETS[key]
+        filtered = p["filtered"]
+        inserts = [from_dict(InsertSpec, d) for d in p["insert"]]
+    if spec.filtered is not None:
+        filtered = spec.filtered
+    if spec.insert is not None:
+        inserts = [InsertSpec(**to_dict(i)) for i in spec.insert]
+    for ins in inserts:
+        if spec.share is not None:
+            ins.share, ins.tokens = spec.share, None
+        if spec.final_fraction is not None:
+            ins.final_fraction = spec.final_fraction
+    for j, ins in enumerate(inserts):
+        w = f"{where}.insert[{j}]"
+        if (ins.source is None) == (ins.role is None):
+            raise ConfigError(f"{w}: give exactly one of 'source' (a source name) or 'role'")
+        if ins.source is not None and ins.source not in study.sources:
+            raise ConfigError(f"{w}: unknown source {ins.source!r} (known: {', '.join(study.sources)})")
+        if ins.role is not None and not [n for n, s in study.sources.items() if s.role == ins.role]:
+            raise ConfigError(f"{w}: condition {name!r} needs a source with role {ins.role!r}; add one to data.sources")
+        if (ins.share is None) == (ins.tokens is None):
+            raise ConfigError(f"{w}: give exactly one of 'share' (fraction of the window's tokens) or 'tokens'")
+        if ins.share is not None and not (0 < ins.share < 1):
+            raise ConfigError(f"{w}: share must be in (0, 1), got {ins.share}")
+        if ins.tokens is not None and not ins.tokens > 0:
+            raise ConfigError(f"{w}: tokens must be > 0, got {ins.tokens}")
+        if ins.final_fraction is not None and not (0 < ins.final_fraction <= 1):
+            raise ConfigError(f"{w}: final_fraction must be in (0, 1], got {ins.final_fraction}")
+        for ph in ins.phases or []:
+            if ph not in [p.name for p in study.phases]:
+                raise ConfigError(f"{w}: unknown phase {ph!r} (phases: {', '.join(p.name for p in study.phases)})")
+    return filtered, inserts
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution
+
+
+def _source_prefixes(study: StudyData, name: str) -> list[tuple[str, int]]:
+    """(prefix, training-split tokens) of every prefix of a source."""
+    from megatron_align.data.indexed import expand_prefix, index_stats
+
+    lo, hi = _train_range(study.split)
+    out = []
+    for pattern in study.sources[name].paths:
+        for p in expand_prefix(pattern, where=f"data.sources.{name}"):
+            out.append((p, index_stats(p).tokens_in(lo, hi)))
+    if not out or sum(t for _, t in out) == 0:
+        raise ConfigError(f"data.sources.{name}: source {name!r} is empty (0 training tokens in "
+                          f"{', '.join(study.sources[name].paths)})")
+    return out
+
+
+def _train_range(split: str) -> tuple[float, float]:
+    from megatron_align.data.config import _check_split
+
+    parts = _check_split(split)
+    parts = parts + [0.0] * (3 - len(parts))
+    return 0.0, parts[0] / sum(parts)
+
+
+def _filtered_version(study: StudyData, name: str, condition: str) -> str:
+    src = study.sources[name]
+    if src.role in ("filtered_corpus", "filtered_midtraining") or not src.needs_filtering:
+        return name
+    matches = [n for n, s in study.sources.items() if s.filtered_from == name]
+    if not matches:
+        raise ConfigError(f"condition {condition!r} is filtered but source {name!r} has no filtered version; "
+                          f"add a source with 'filtered_from: {name}'")
+    if len(matches) > 1:
+        raise ConfigError(f"sources {matches} all claim 'filtered_from: {name}'; keep one")
+    return matches[0]
+
+
+def _apportion(total: int, weights: dict[str, float]) -> dict[str, int]:
+    from megatron_align.data.gpt_datasets import largest_remainder
+
+    keys = list(weights)
+    return dict(zip(keys, largest_remainder(total, [weights[k] for k in keys])))
+
+
+def _apportion_list(total: int, weights: list[float]) -> list[int]:
+    from megatron_align.data.gpt_datasets import largest_remainder
+
+    return largest_remainder(total, weights) if weights else []
+
+
+def resolve_condition(study: StudyData, condition: str) -> PhaseSchedule:
+    """The segments, exact per-prefix draws and repetition report of one condition's run."""
+    filtered, inserts = condition_recipe(study, condition)
+    prefixes: dict[str, list[tuple[str, int]]] = {}
+
+    def pfx(name: str):
+        if name not in prefixes:
+            prefixes[name] = _source_prefixes(study, name)
+        return prefixes[name]
+
+    # Token timeline of the run and each phase's position on it.
+    starts, t = [], 0
+    for ph in study.phases:
+        starts.append(t)
+        t += ph.samples * ph.seq_length
+    phase_idx = {ph.name: i for i, ph in enumerate(study.phases)}
+
+    # Each insertion's window: per phase, a phase-local token range [a, b).
+    windows: list[dict[int, tuple[int, int]]] = []
+    window_tokens: list[int] = []
+    for ins in inserts:
+        sel = [phase_idx[p] for p in ins.phases] if ins.phases else list(range(len(study.phases)))
+        sel = sorted(set(sel))
+        lengths = {i: study.phases[i].samples * study.phases[i].seq_length for i in sel}
+        span = sum(lengths.values())
+        want = span if ins.final_fraction is None else int(round(ins.final_fraction * span))
+        win: dict[int, tuple[int, int]] = {}
+        left = want
+        for i in reversed(sel):
+            if left <= 0:
+                break
+            take = min(left, lengths[i])
+            win[i] = (lengths[i] - take, lengths[i])
+            left -= take
+        windows.append(win)
+        window_tokens.append(want)
+
+    shares: list[float] = []
+    for j, ins in enumerate(inserts):
+        share = ins.share if ins.share is not None else float(ins.tokens) / max(window_tokens[j], 1)
+        if not share < 1:
+            raise ConfigError(f"condition {condition!r}: insertion of {ins.source or ins.role} asks for "
+                              f"{float(ins.tokens):.4g} tokens but its window holds only {window_tokens[j]}")
+        shares.append(share)
+
+    # Segments: cut each phase at window boundaries (converted to samples of that phase).
+    raw_segments = []
+    sample0 = 0
+    for i, ph in enumerate(study.phases):
+        cuts = {0, ph.samples}
+        for win in windows:
+            if i in win:
+                for tok in win[i]:
+                    cuts.add(min(ph.samples, max(0, int(round(tok / ph.seq_length)))))
+        cuts = sorted(cuts)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if b <= a:
+                continue
+            active = [j for j, win in enumerate(windows)
+                      if i in win and round(win[i][0] / ph.seq_length) <= a and b <= round(win[i][1] / ph.seq_length)]
+            raw_segments.append((i, sample0 + a, sample0 + b, starts[i] + a * ph.seq_length,
+                                 starts[i] + b * ph.seq_length, active))
+        sample0 += ph.samples
+
+    # Each insertion's sample count over its window, spread over the window's segments, so short
+    # segments (the pretraining tail of a final-10% window) do not each lose it to rounding.
+    # Rounded per phase, so every phase's realized share is within half a sample of its target.
+    ins_alloc: list[dict[int, int]] = []
+    for j in range(len(inserts)):
+        alloc: dict[int, int] = {}
+        for i in range(len(study.phases)):
+            segs = [k for k, rs in enumerate(raw_segments) if j in rs[5] and rs[0] == i]
+            sizes = [raw_segments[k][2] - raw_segments[k][1] for k in segs]
+            alloc.update(zip(segs, _apportion_list(int(round(shares[j] * sum(sizes))), sizes)))
+        ins_alloc.append(alloc)
+
+    segments: list[Segment] = []
+    for k, (i, s0, s1, t0, t1, active) in enumerate(raw_segments):
+        ph = study.phases[i]
+        n = s1 - s0
+        ins_share: dict[str, float] = {}
+        ins_count: dict[str, int] = {}
+        for j in active:
+            ins = inserts[j]
+            names = [ins.source] if ins.source else [nm for nm, s in study.sources.items() if s.role == ins.role]
+            toks = {nm: float(sum(tk for _, tk in pfx(nm))) for nm in names}
+            for nm, c in _apportion(ins_alloc[j][k], toks).items():
+                ins_count[nm] = ins_count.get(nm, 0) + c
+                ins_share[nm] = ins_share.get(nm, 0.0) + shares[j] * toks[nm] / sum(toks.values())
+        synth_total = sum(ins_share.values())
+        if not synth_total < 1 or sum(ins_count.values()) > n:
+            raise ConfigError(f"condition {condition!r}: inserted shares add up to {synth_total:.4g} in phase "
+                              f"{ph.name!r}; they must leave room for the phase's mix")
+        if isinstance(ph.mix, dict):
+            base = dict(ph.mix)
+        else:
+            base = {nm: float(sum(tk for _, tk in pfx(nm))) for nm in ph.mix}
+            tot = sum(base.values())
+            base = {nm: v / tot for nm, v in base.items()}
+        if filtered:
+            fb: dict[str, float] = {}
+            for nm, v in base.items():
+                f = _filtered_version(study, nm, condition)
+                fb[f] = fb.get(f, 0.0) + v
+            base = fb
+        targets = {nm: v * (1.0 - synth_total) for nm, v in base.items()}
+        for nm, v in ins_share.items():
+            targets[nm] = targets.get(nm, 0.0) + v
+        per_source = _apportion(n - sum(ins_count.values()), base)
+        for nm, c in ins_count.items():
+            per_source[nm] = per_source.get(nm, 0) + c
+        draws = []
+        for nm, cnt in per_source.items():
+            parts = pfx(nm)
+            counts = _apportion(cnt, {p: float(tk) for p, tk in parts}) if len(parts) > 1 else {parts[0][0]: cnt}
+            for p, c in counts.items():
+                if c > 0:
+                    draws.append(Draw(source=nm, prefix=p, samples=c))
+        segments.append(Segment(index=k, phase=ph.name, seq_length=ph.seq_length, start_sample=s0, end_sample=s1,
+                                start_token=t0, end_token=t1, targets=targets, draws=draws,
+                                data=DataConfig(), seed=study.seed, eod_id=study.eod_id, pad_id=study.pad_id,
+                                valid_samples=ph.valid_samples))
+
+    # Continuation: a prefix read by several segments at one sequence length is one GPTDataset.
+    totals: dict[tuple[str, int], int] = {}
+    for seg in segments:
+        for d in seg.draws:
+            key = (d.prefix, seg.seq_length)
+            totals[key] = totals.get(key, 0) + d.samples
+    consumed: dict[tuple[str, int], int] = {}
+    for seg in segments:
+        for d in seg.draws:
+            key = (d.prefix, seg.seq_length)
+            d.skip = consumed.get(key, 0)
+            d.total = totals[key]
+            consumed[key] = d.skip + d.samples
+        seg.data = DataConfig(
+            blend=[BlendSource(prefix=d.prefix, weight=d.samples / seg.num_samples, name=d.source, samples=d.samples,
+                               skip_samples=d.skip, total_samples=d.total) for d in seg.draws],
+            split=study.split, cache_dir=study.cache_dir, require_prebuilt_cache=study.require_prebuilt_cache,
+            build_threads=study.build_threads)
+
+    # Repetitions per source over the whole run.
+    usage: dict[str, SourceUse] = {}
+    for seg in segments:
+        for d in seg.draws:
+            u = usage.get(d.source)
+            if u is None:
+                u = usage[d.source] = SourceUse(d.source, study.sources[d.source].role,
+                                                sum(tk for _, tk in pfx(d.source)), 0)
+            u.tokens_drawn += d.samples * seg.seq_length
+    warnings_: list[str] = []
+    for u in usage.values():
+        if u.repetitions > study.max_repetitions:
+            raise ConfigError(
+                f"condition {condition!r}: source {u.source!r} would be read {u.repetitions:.2f} times "
+                f"({u.tokens_drawn:,} tokens drawn from {u.tokens_available:,}), above data.max_repetitions = "
+                f"{study.max_repetitions:g}; lower its share, add data to it, or raise data.max_repetitions")
+        if u.repetitions > study.warn_repetitions:
+            msg = (f"condition {condition!r}: source {u.source!r} is read {u.repetitions:.2f} times "
+                   f"(data.warn_repetitions = {study.warn_repetitions:g})")
+            warnings_.append(msg)
+            logger.warning(msg)
+    return PhaseSchedule(condition=condition, seed=study.seed, segments=segments, usage=usage, warnings=warnings_)
+
+
+def load_schedule(study_path: str, condition: str, overrides: list[str] | None = None) -> PhaseSchedule:
+    """Convenience for trainers: study YAML + condition name -> PhaseSchedule."""
+    return resolve_condition(load_study_data(study_path, overrides), condition)

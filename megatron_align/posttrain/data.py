@@ -1,0 +1,268 @@
+"""``malign data chat``: tokenize SFT / DPO JSONL ahead of training (parallel, resumable).
+
+Output directory (written as ``OUT.partial/`` shard by shard, renamed to ``OUT`` when complete)::
+
+    meta.json        kind, the key it was built for (files, tokenizer, chat format, policy), counts
+    report.json      kept / truncated / dropped counts by reason, with the first file:line of each
+    {stream}_ids.npy, {stream}_mask.npy, {stream}_offsets.npy
+                     stream "seq" (SFT) or "chosen" and "rejected" (DPO): concatenated int32 ids,
+                     uint8 loss mask (1 = response token), int64 offsets [n + 1]
+    lines.npy        [n, 2] (file index, line number) of each kept example
+
+An interrupted run resumes from the shards already in ``OUT.partial/``. Training calls
+:func:`prepare` too (into the run's data cache), so running this command first is optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from megatron_align.config import ConfigError, atomic_write_text, from_dict, to_dict
+from megatron_align.posttrain.chat import ChatConfig, ChatTemplate
+from megatron_align.posttrain.records import Policy, RecordError, Tally, process_lines
+
+FORMAT_VERSION = 1
+
+
+def streams_of(kind: str) -> tuple[str, ...]:
+    return ("seq",) if kind == "sft" else ("chosen", "rejected")
+
+
+def build_key(kind: str, files: list[str], tokenizer, chat: ChatConfig, policy: Policy) -> str:
+    files_info = []
+    for f in files:
+        st = os.stat(f)
+        files_info.append([os.path.abspath(f), st.st_size, int(st.st_mtime)])
+    blob = json.dumps({"v": FORMAT_VERSION, "kind": kind, "files": files_info, "tok": tokenizer.fingerprint(),
+                       "vocab": tokenizer.vocab_size, "chat": to_dict(chat), "policy": dataclasses.asdict(policy)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _chunks(files: list[str], chunk_lines: int):
+    """(file index, chunk index, [(line number, text), ...]) in file order."""
+    for fi, f in enumerate(files):
+        buf, ci = [], 0
+        with open(f, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                buf.append((lineno, line))
+                if len(buf) == chunk_lines:
+                    yield fi, ci, buf
+                    buf, ci = [], ci + 1
+        if buf:
+            yield fi, ci, buf
+
+
+def _shard_name(fi: int, ci: int) -> str:
+    return f"shard_{fi:04d}_{ci:06d}"
+
+
+def _work(kind, path, fi, ci, lines, tok_spec, chat_dict, policy_dict, shard_dir):
+    from data_tools.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(tok_spec)
+    tpl = ChatTemplate(from_dict(ChatConfig, chat_dict), tok)
+    pol = Policy(**policy_dict)
+    try:
+        examples, kept_lines, tally = process_lines(kind, path, lines, tpl, pol)
+    except RecordError as e:
+        return {"error": str(e)}
+    arrays = {"lines": np.asarray(kept_lines, np.int64)}
+    for si, s in enumerate(streams_of(kind)):
+        seqs = [ex if kind == "sft" else ex[si] for ex in examples]
+        arrays[f"{s}_ids"] = np.concatenate([x[0] for x in seqs]) if seqs else np.zeros(0, np.int32)
+        arrays[f"{s}_mask"] = np.concatenate([x[1] for x in seqs]) if seqs else np.zeros(0, np.uint8)
+        arrays[f"{s}_len"] = np.asarray([len(x[0]) for x in seqs], np.int64)
+    name = _shard_name(fi, ci)
+    tmp = Path(shard_dir) / f".{name}.tmp.npz"
+    np.savez(tmp, **arrays)
+    atomic_write_text(Path(shard_dir) / f".{name}.json", json.dumps(tally.to_dict()))
+    os.replace(tmp, Path(shard_dir) / f"{name}.npz")
+    return {"tally": tally.to_dict(), "n": len(lines)}
+
+
+def _tally_from(d: dict) -> Tally:
+    return Tally(kept=d["kept"], truncated=d["truncated"], dropped=d["dropped"], examples=d["where"])
+
+
+def prepare(kind: str, files: list[str], out_dir: str | os.PathLike, *, tokenizer, chat: ChatConfig,
+            policy: Policy, workers: int = 1, chunk_lines: int = 2000, progress: bool = True,
+            log=print) -> Path:
+    """Tokenize ``files`` into ``out_dir`` (reused when already built for the same inputs)."""
+    if kind not in ("sft", "dpo"):
+        raise ConfigError(f"kind must be sft or dpo, got {kind!r}")
+    for f in files:
+        if not Path(f).is_file():
+            raise ConfigError(f"{kind} data file {f} does not exist")
+    out = Path(out_dir)
+    key = build_key(kind, files, tokenizer, chat, policy)
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            return out
+        raise ConfigError(f"{out} holds data prepared from other inputs (key {meta.get('key')} != {key}); "
+                          "remove it or choose another output directory")
+    partial = Path(str(out) + ".partial")
+    shard_dir = partial / "shards"
+    if partial.exists() and not (partial / f"key_{key}").exists():
+        shutil.rmtree(partial)  # left by a run with other inputs: not resumable
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    (partial / f"key_{key}").touch()
+
+    tok_spec = tokenizer.spec()
+    chat_dict, pol_dict = to_dict(chat), dataclasses.asdict(policy)
+    from tqdm import tqdm
+
+    total_lines = sum(1 for f in files for _ in open(f, encoding="utf-8"))
+    bar = tqdm(total=total_lines, unit="rec", desc=f"{kind} data", disable=not progress, file=sys.stderr)
+    todo = []
+    for fi, ci, lines in _chunks(files, chunk_lines):
+        if (shard_dir / f"{_shard_name(fi, ci)}.npz").is_file():
+            bar.update(len(lines))
+            continue
+        todo.append((kind, files[fi], fi, ci, lines, tok_spec, chat_dict, pol_dict, str(shard_dir)))
+
+    def handle(res):
+        if "error" in res:
+            raise ConfigError(res["error"] + " (pass --on-error skip / set on_error: skip to count and skip "
+                              "malformed records, or truncation: drop|truncate for over-long ones)")
+        bar.update(res["n"])
+
+    if workers <= 1 or len(todo) <= 1:
+        for args in todo:
+            handle(_work(*args))
+    else:
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            futs = [ex.submit(_work, *a) for a in todo]
+            try:
+                for fut in cf.as_completed(futs):
+                    handle(fut.result())
+            except BaseException:
+                for fut in futs:
+                    fut.cancel()
+                raise
+    bar.close()
+
+    # Merge shards in file / chunk order.
+    tally = Tally()
+    parts = {s: {"ids": [], "mask": [], "len": []} for s in streams_of(kind)}
+    lines_all = []
+    for fi, ci, _ in _chunks(files, chunk_lines):
+        name = _shard_name(fi, ci)
+        z = np.load(shard_dir / f"{name}.npz")
+        tally.merge(_tally_from(json.loads((shard_dir / f".{name}.json").read_text())))
+        lines_all.append(np.stack([np.full(len(z["lines"]), fi, np.int64), z["lines"]], axis=1))
+        for s in parts:
+            for k in ("ids", "mask", "len"):
+                parts[s][k].append(z[f"{s}_{k}"])
+    build = Path(str(out) + ".building")
+    if build.exists():
+        shutil.rmtree(build)
+    build.mkdir(parents=True)
+    n = 0
+    for s, p in parts.items():
+        lens = np.concatenate(p["len"]) if p["len"] else np.zeros(0, np.int64)
+        n = len(lens)
+        np.save(build / f"{s}_ids.npy", np.concatenate(p["ids"]).astype(np.int32) if p["ids"] else np.zeros(0, np.int32))
+        np.save(build / f"{s}_mask.npy", np.concatenate(p["mask"]).astype(np.uint8) if p["mask"] else np.zeros(0, np.uint8))
+        np.save(build / f"{s}_offsets.npy", np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
+    np.save(build / "lines.npy", np.concatenate(lines_all) if lines_all else np.zeros((0, 2), np.int64))
+    report = {"kind": kind, "files": [str(f) for f in files], "examples": n, **tally.to_dict()}
+    atomic_write_text(build / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(build / "meta.json", json.dumps({"version": FORMAT_VERSION, "kind": kind, "key": key,
+                                                       "examples": n, "seq_length": policy.seq_length,
+                                                       "files": [str(f) for f in files],
+                                                       "tokenizer": tokenizer.info(), "chat": chat_dict,
+                                                       "policy": pol_dict}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(build, out)
+    shutil.rmtree(partial, ignore_errors=True)
+    if n == 0:
+        raise ConfigError(f"no usable {kind} examples in {', '.join(map(str, files))}; see {out / 'report.json'}")
+    dropped = sum(tally.dropped.values())
+    truncated = sum(tally.truncated.values())
+    log(f"[{kind} data] {n} examples kept, {truncated} truncated, {dropped} dropped -> {out} "
+        f"(report: {out / 'report.json'})")
+    return out
+
+
+class PreparedChat:
+    """Read side of a prepared directory: ``get(stream, i) -> (ids, mask)`` as numpy arrays (memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise ConfigError(f"{self.path} is not a prepared chat data directory (no meta.json); "
+                              "make one with 'malign data chat'")
+        self.meta = json.loads(meta_path.read_text())
+        self.kind = self.meta["kind"]
+        self._a = {}
+        for s in streams_of(self.kind):
+            for k in ("ids", "mask", "offsets"):
+                self._a[f"{s}_{k}"] = np.load(self.path / f"{s}_{k}.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return int(self.meta["examples"])
+
+    def lengths(self, stream: str) -> np.ndarray:
+        return np.diff(np.asarray(self._a[f"{stream}_offsets"]))
+
+    def get(self, stream: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+        o = self._a[f"{stream}_offsets"]
+        a, b = int(o[i]), int(o[i + 1])
+        return np.asarray(self._a[f"{stream}_ids"][a:b]), np.asarray(self._a[f"{stream}_mask"][a:b])
+
+
+def main(argv: list[str] | None = None, prog: str = "malign data chat") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=["sft", "dpo"])
+    ap.add_argument("inputs", nargs="+", help="JSONL files")
+    ap.add_argument("-o", "--output", required=True, help="output directory")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer.json / HF dir / SentencePiece .model")
+    ap.add_argument("--seq-length", type=int, required=True)
+    ap.add_argument("--truncation", choices=["error", "drop", "truncate"], default="error")
+    ap.add_argument("--on-error", choices=["error", "skip"], default="error",
+                    help="malformed records: stop naming file:line, or count and skip them")
+    ap.add_argument("--train-on", choices=["all_assistant", "last_assistant"], default="all_assistant")
+    ap.add_argument("--chat-config", help="YAML with a chat: section (role_tokens, separator, end_of_turn, "
+                                          "system_prompt)")
+    ap.add_argument("--system-prompt", help="system prompt for conversations without one")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
+    ap.add_argument("--chunk-lines", type=int, default=2000)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    from data_tools.tokenizers import load_tokenizer
+    from megatron_align.config import load_yaml
+
+    chat_raw = {}
+    if args.chat_config:
+        chat_raw = load_yaml(args.chat_config).get("chat", {})
+    if args.system_prompt is not None:
+        chat_raw["system_prompt"] = args.system_prompt
+    chat = from_dict(ChatConfig, chat_raw, source=args.chat_config)
+    tok = load_tokenizer(args.tokenizer)
+    ChatTemplate.setup(chat, tok)
+    pol = Policy(seq_length=args.seq_length, truncation=args.truncation, on_error=args.on_error,
+                 train_on=args.train_on)
+    out = prepare(args.kind, args.inputs, args.output, tokenizer=tok, chat=chat, policy=pol, workers=args.workers,
+                  chunk_lines=args.chunk_lines, progress=not args.no_progress)
+    print(json.dumps(json.loads((out / "report.json").read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""``malign study run|status|submit``: a study's job graph on this machine or on Slurm.
+
+The YAML given is either a study config (its graph comes from :func:`build_study_graph`) or a
+graph file of its own: a top-level ``stages:`` list, each stage a :class:`slurm.graph.Stage`::
+
+    name: tiny
+    workdir: work            # relative to this file; --workdir overrides
+    stages:
+      - {name: shards, command: [python, prep.py, "--shard={task_id}"], array: 4, outputs: [shards]}
+      - {name: train, command: [python, -m, mypkg.train], inputs: [shards], nproc: 2, requeue: true,
+         resources: gpu-train, config: {lr: 3.0e-4}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from megatron_align.config import ConfigError, load_yaml
+
+from . import stamps
+from .graph import JobGraph
+from .plan import make_plan
+
+
+def build_study_graph(study_cfg) -> JobGraph:
+    """Study config -> the pipeline's job graph (preprocess ... report). Not written yet."""
+    raise ConfigError(
+        "building the job graph from a study config is NOT IMPLEMENTED yet (it waits for the study "
+        "config schema); give a graph YAML with a top-level 'stages:' list instead (see "
+        "`malign study run --help`)")
+
+
+def load_graph(path: str, workdir: str | None) -> tuple[JobGraph, Path]:
+    p = Path(path)
+    data = load_yaml(p)
+    if "stages" in data:
+        graph = JobGraph.from_dict(data, source=str(p))
+        base = p.resolve().parent
+        wd = Path(workdir) if workdir else base / str(data.get("workdir") or ".")
+        return graph, wd.resolve()
+    graph = build_study_graph(data)
+    if not workdir:
+        raise ConfigError(f"{p}: give --workdir for a study config")
+    return graph, Path(workdir).resolve()
+
+
+def _common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("study", help="study config, or a graph YAML with a top-level 'stages:' list")
+    ap.add_argument("--workdir", help="where stamps, logs and stage outputs live (default: the YAML's "
+                                      "'workdir:', relative to the file, else the file's folder)")
+
+
+def run_main(argv: list[str] | None = None, prog: str = "malign study run") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="Run a study's job graph on this machine, stage by "
+                                 "stage; complete stages (current stamps) are skipped.")
+    _common(ap)
+    ap.add_argument("--force", action="append", default=[], metavar="STAGE",
+                    help="run STAGE and its dependents again even if complete (repeatable)")
+    ap.add_argument("--graph", action="store_true", help="print the dependency graph and exit")
+    ap.add_argument("--dot", action="store_true", help="print the graph in Graphviz dot and exit")
+    args = ap.parse_args(argv)
+    graph, workdir = load_graph(args.study, args.workdir)
+    if args.graph or args.dot:
+        print(graph.to_dot() if args.dot else graph.to_text())
+        return 0
+    from .local import run_local
+
+    record = run_local(graph, workdir, force=args.force)
+    return 1 if record.get("failed") else 0
+
+
+def collect_status(graph: JobGraph, workdir: Path) -> dict:
+    """Each stage's state from stamps, the last local run and the last Slurm submission."""
+    from .local import run_record_path
+    from .submit import slurm_status
+
+    plan = make_plan(graph, workdir)
+    local = None
+    lp = run_record_path(workdir)
+    if lp.exists():
+        local = json.loads(lp.read_text())
+    slurm = slurm_status(workdir)
+    use_slurm = slurm is not None and (local is None or slurm["record"]["submitted_at"] >= local["started_at"])
+    rows = []
+    for name in graph.topo_order():
+        row = {"stage": name, "hash": plan.hashes[name], "job_id": None, "log": None}
+        old = stamps.read_stamp(workdir, name)
+        if use_slurm and name in slurm["stages"]:
+            row.update(job_id=slurm["stages"][name]["job_id"], log=slurm["stages"][name]["log"])
+        if name in plan.complete:
+            row["state"] = "complete"
+        elif use_slurm and name in slurm["stages"]:
+            s = slurm["stages"][name]
+            row["state"] = s["state"].lower()
+            if row["state"] == "completed":  # finished, but its stamp is no longer current
+                row["state"] = "changed" if old else "completed-unstamped"
+        elif not use_slurm and local and name in local["stages"] and local["stages"][name]["state"] != "complete":
+            s = local["stages"][name]
+            row.update(state=s["state"], log=s.get("log"))
+            if s["state"] in ("running", "pending") and not _alive(local.get("pid")):
+                row["state"] = "interrupted"  # the run that owned it is gone (killed, machine restarted)
+            if s["state"] == "failed":
+                row["rc"] = s.get("rc")
+        else:
+            row["state"] = "changed" if old else "not run"
+        rows.append(row)
+    failed = [r for r in rows if r["state"] in ("failed", "timeout", "node_fail", "out_of_memory")]
+    return {"study": graph.name, "workdir": str(workdir), "executor": "slurm" if use_slurm else "local",
+            "stages": rows, "failed": [{"stage": r["stage"], "log": r["log"]} for r in failed]}
+
+
+def _alive(pid) -> bool:
+    import os
+
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def format_status(st: dict) -> str:
+    rows = st["stages"]
+    w = max([len(r["stage"]) for r in rows] + [5])
+    lines = [f"study {st['study']}  (workdir {st['workdir']}, last run: {st['executor']})",
+             f"{'stage':<{w}}  {'state':<20} {'job':<10} log"]
+    for r in rows:
+        lines.append(f"{r['stage']:<{w}}  {r['state']:<20} {r['job_id'] or '-':<10} {r['log'] or '-'}")
+    for f in st["failed"]:
+        lines.append(f"FAILED: stage {f['stage']}; log: {f['log']}")
+    return "\n".join(lines)
+
+
+def status_main(argv: list[str] | None = None, prog: str = "malign study status") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="Show each stage's state (complete, running, failed "
+                                 "with its log, cancelled, not run) for the last local run or Slurm submission.")
+    _common(ap)
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    graph, workdir = load_graph(args.study, args.workdir)
+    st = collect_status(graph, workdir)
+    print(json.dumps(st, indent=1) if args.json else format_status(st))
+    return 1 if st["failed"] else 0
+
+
+def submit_main(argv: list[str] | None = None, prog: str = "malign study submit") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="Render sbatch scripts from slurm/templates/ and "
+                                 "submit the graph with afterok dependencies.")
+    _common(ap)
+    ap.add_argument("--cluster", required=True, help="cluster profile YAML (account, partition, resources...)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a cluster profile key, e.g. resources.gpu-train.nodes=4")
+    ap.add_argument("--dry-run", action="store_true", help="print every script and the graph; submit nothing")
+    ap.add_argument("--force", action="append", default=[], metavar="STAGE",
+                    help="submit STAGE and its dependents even if complete")
+    ap.add_argument("--backend", choices=["sbatch", "nemo-run"], default="sbatch",
+                    help="submit with sbatch (default) or through nemo-run's SlurmExecutor")
+    args = ap.parse_args(argv)
+    from .cluster import load_cluster
+
+    graph, workdir = load_graph(args.study, args.workdir)
+    profile = load_cluster(args.cluster, args.set)
+    if args.backend == "nemo-run":
+        from .nemo_run_backend import submit_nemo_run
+
+        submit_nemo_run(graph, workdir, profile, dry_run=args.dry_run, force=args.force)
+        return 0
+    from .submit import submit
+
+    t0 = time.time()
+    rec = submit(graph, workdir, profile, dry_run=args.dry_run, force=args.force)
+    if not args.dry_run:
+        print(f"submitted {len(rec['stages'])} job(s) in {time.time() - t0:.1f}s; "
+              f"`malign study status {args.study}` follows them", file=sys.stderr)
+    return 0

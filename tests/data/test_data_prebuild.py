@@ -1,0 +1,130 @@
+"""Prebuilt caches, the refusal of stale or partial ones, Megatron-LM files and the two commands."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from data_fixtures import EOD, PAD, SEQ, make_study, write_indexed
+
+from megatron_align.config import ConfigError
+from megatron_align.data.config import BlendSource, DataConfig
+from megatron_align.data.gpt_datasets import build_pretraining_datasets
+from megatron_align.data.megatron_lm import data_args_text, per_split_json, write_megatron_lm_files
+from megatron_align.data.prebuild import MANIFEST_DIR, prebuild_requests
+from megatron_align.data.study import load_study_data, resolve_condition
+
+
+@pytest.fixture
+def small(tmp_path):
+    a = write_indexed(str(tmp_path / "a"), [60] * 150, seed=1)
+    b = write_indexed(str(tmp_path / "b"), [60] * 50, seed=2, low=1000, high=2000)
+    data = DataConfig(blend=[BlendSource(a, 0.7, "a"), BlendSource(b, 0.3, "b")], split="95,5,0",
+                      cache_dir=str(tmp_path / "cache"), require_prebuilt_cache=True)
+    kw = dict(seq_length=SEQ, seed=5, train_samples=300, valid_samples=20, eod_id=EOD, pad_id=PAD,
+              cache_dir=data.cache_dir)
+    return data, kw, tmp_path
+
+
+def test_training_refuses_a_cache_that_was_not_prebuilt(small):
+    data, kw, _ = small
+    with pytest.raises(ConfigError, match="was not prebuilt.*malign data prebuild"):
+        build_pretraining_datasets(data, **kw)
+    assert not os.path.exists(kw["cache_dir"]) or not any(f.endswith(".npy") for f in os.listdir(kw["cache_dir"]))
+
+
+def test_prebuilt_cache_is_used_and_stale_or_partial_refused(small):
+    data, kw, tmp = small
+    summary = prebuild_requests([("x", data, kw)], jobs=1, progress=False)
+    assert summary["blends"] == 1 and summary["prefix_datasets"] == 4  # 2 prefixes x (train, valid)
+    before = sorted(os.listdir(kw["cache_dir"]))
+    train, valid = build_pretraining_datasets(data, **kw)
+    assert len(train) == 300 and len(valid) == 20
+    assert sorted(os.listdir(kw["cache_dir"])) == before  # nothing rebuilt
+    # stale: another seed (a config the prebuild did not cover)
+    with pytest.raises(ConfigError, match=r"stale data cache .* differs in: seed"):
+        build_pretraining_datasets(data, **{**kw, "seed": 6})
+    # stale: a source rewritten after the prebuild
+    st = os.stat(str(tmp / "b.idx"))
+    os.utime(str(tmp / "b.idx"), ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    with pytest.raises(ConfigError, match=r"b\.idx changed after the prebuild"):
+        build_pretraining_datasets(data, **kw)
+    os.utime(str(tmp / "b.idx"), ns=(st.st_atime_ns, st.st_mtime_ns))
+    build_pretraining_datasets(data, **kw)
+    # partial: a truncated index file (a build killed while writing), then a missing one
+    manifest = next(f for f in os.listdir(os.path.join(kw["cache_dir"], MANIFEST_DIR)) if f.startswith("req-"))
+    files = json.load(open(os.path.join(kw["cache_dir"], MANIFEST_DIR, manifest)))["files"]
+    victim = next(f for f in files if f.endswith("shuffle_index.npy"))
+    with open(os.path.join(kw["cache_dir"], victim), "r+b") as f:
+        f.truncate(64)
+    with pytest.raises(ConfigError, match=f"partial data cache .*{victim} has 64 bytes"):
+        build_pretraining_datasets(data, **kw)
+    os.unlink(os.path.join(kw["cache_dir"], victim))
+    with pytest.raises(ConfigError, match=f"partial data cache .*{victim} is missing"):
+        build_pretraining_datasets(data, **kw)
+
+
+def test_parallel_prebuild_command_matches_in_process_build(tmp_path):
+    """``malign data prebuild -j 2`` in a fresh process (worker pool), then a training-side load."""
+    import subprocess
+    import sys
+
+    path = make_study(str(tmp_path), conditions={"alignment_upsampled_final10": None},
+                      require_prebuilt_cache=True)
+    malign = os.path.join(os.path.dirname(sys.executable), "malign")
+    p = subprocess.run([malign, "data", "prebuild", path, "-j", "2", "--no-progress"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.load(open(tmp_path / "cache" / MANIFEST_DIR / "prebuild.json"))
+    assert summary["blends"] == 3 and summary["jobs"] == 2
+    sch = resolve_condition(load_study_data(path), "alignment_upsampled_final10")
+    for seg in sch.segments:
+        got, _ = seg.build()  # require_prebuilt_cache: refuses unless the prebuild covered it
+        seg.data.require_prebuilt_cache = False
+        ref, _ = seg.build(cache_dir=str(tmp_path / "ref"))
+        assert all((got[i]["tokens"] == ref[i]["tokens"]).all() for i in range(0, len(ref), 13))
+
+
+def test_megatron_lm_files_parse_with_megatron(study_path, tmp_path):
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    sch = resolve_condition(load_study_data(study_path), "alignment_upsampled_final10")
+    doc = write_megatron_lm_files(sch, str(tmp_path / "mlm"))
+    assert [(s["start_sample"], s["end_sample"]) for s in doc["segments"]] == [(0, 9900), (9900, 10000),
+                                                                            (10000, 11000)]
+    for seg, meta in zip(sch.segments, doc["segments"]):
+        # what Megatron-LM does with --data-args-path: get_blend_from_list(f.read().split())
+        prefixes, weights = get_blend_from_list(open(meta["data_args_path"]).read().split())
+        assert prefixes == [d.prefix for d in seg.draws]
+        assert weights == pytest.approx([d.samples / seg.num_samples for d in seg.draws])
+        # and with --per-split-data-args-path
+        per = json.load(open(meta["per_split_data_args_path"]))
+        assert get_blend_from_list(per["train"]) == (prefixes, pytest.approx(weights))
+        assert per["valid"] is None and per["test"] is None
+        assert data_args_text(seg).count("\n") == len(seg.draws) and per_split_json(seg) == per
+
+
+def test_commands_write_reports(tmp_path, capsys):
+    from megatron_align.cli import main as cli
+
+    path = make_study(str(tmp_path), conditions={"alignment_upsampled": None, "filtered": None},
+                      require_prebuilt_cache=True)
+    assert cli(["data", "prebuild", path, "--jobs", "1", "--no-progress"]) == 0
+    cache = str(tmp_path / "cache")
+    summary = json.load(open(os.path.join(cache, MANIFEST_DIR, "prebuild.json")))
+    assert summary["blends"] == 4 and summary["conditions"] == ["alignment_upsampled", "filtered"]
+    assert os.path.isfile(os.path.join(cache, "megatron_lm", "filtered", "schedule.json"))
+    # a training job of this study now finds every blend it needs prebuilt
+    study = load_study_data(path)
+    for seg in resolve_condition(study, "alignment_upsampled").segments:
+        seg.build()
+    out = str(tmp_path / "mix")
+    assert cli(["data", "mixture", path, "--out", out, "--no-progress"]) == 0
+    rep = json.load(open(os.path.join(out, "mixture.json")))
+    assert rep["ok"] and rep["max_abs_error_pp"] <= 0.1
+    md = open(os.path.join(out, "mixture.md")).read()
+    assert "## alignment_upsampled" in md and "| pretraining | al | aligned_synthetic | 1.0000 | 1.0000 |" in md
+    assert "## alignment_upsampled" in capsys.readouterr().out
+    # a user error is one line and exit code 2
+    assert cli(["data", "mixture", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err

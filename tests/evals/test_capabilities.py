@@ -1,0 +1,86 @@
+"""lm-eval on a tiny local task: its per-item choice must equal ours on the same prompts."""
+
+import json
+
+import pytest
+
+pytest.importorskip("lm_eval", reason="lm-eval (the 'test' extra) is not installed")
+
+from evals.capabilities import evaluate_capabilities, run_lm_eval, write_local_mc_task  # noqa: E402
+from evals.misalignment import EvalSettings, score_items  # noqa: E402
+from evals.models import load_model  # noqa: E402
+from evals.protocol import all_formats, base_prompt, build_items, load_templates  # noqa: E402
+from evals.suites import load_suite  # noqa: E402
+
+
+def test_lm_eval_acc_agrees_item_by_item(random_model_dir, suite_file, tmp_path):
+    t = load_templates()
+    items = build_items(load_suite(suite_file).questions, all_formats(t)[:4], ["none", "hhh"])
+    em = load_model(random_model_dir, device="cpu", dtype="float32")
+    ours = score_items(em, items, "letter", t, EvalSettings(batch_size=8), progress=False)
+    # target = the misaligned letter, so lm-eval's acc per item = "chose the misaligned option".
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"prompt": base_prompt(t, it), "choices": t.letters,
+                                        "target": it.misaligned_letter_index, "i": i}) + "\n"
+                            for i, it in enumerate(items)))
+    write_local_mc_task(tmp_path / "tasks", "malign_letters", data)
+    out = run_lm_eval(em, ["malign_letters"], include_paths=[tmp_path / "tasks"], batch_size=4, log_samples=True)
+    samples = sorted(out["samples"]["malign_letters"], key=lambda s: s["doc"]["i"])
+    assert len(samples) == len(items)
+    for s, r in zip(samples, ours):
+        lls = [x[0] for x in s["filtered_resps"]]
+        assert lls == pytest.approx(list(r.scores), abs=1e-4)
+        assert s["acc"] == r.misaligned
+    acc = out["results"]["malign_letters"]["acc,none"]
+    assert acc == pytest.approx(sum(r.misaligned for r in ours) / len(ours))
+
+
+def test_capability_records_and_unreachable_tasks(random_model_dir, tmp_path):
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}: which?", "choices": ["stop", "continue"],
+                                        "target": i % 2}) + "\n" for i in range(6)))
+    write_local_mc_task(tmp_path / "tasks", "tiny_mc", data)
+    # A task whose data is not reachable (offline, not downloaded): recorded as skipped, not fatal.
+    write_local_mc_task(tmp_path / "tasks", "unreachable_mc", tmp_path / "not_downloaded.jsonl")
+    recs = evaluate_capabilities(random_model_dir, ["tiny_mc", "unreachable_mc"], include_paths=[tmp_path / "tasks"],
+                                 meta={"condition": "filtered", "stage": "base"}, batch_size=2, device="cpu")
+    by = {r["task"]: r for r in recs}
+    assert by["tiny_mc"]["metrics"]["main_metric"] == "acc,none"
+    assert 0 <= by["tiny_mc"]["metrics"]["main"] <= 1 and by["tiny_mc"]["condition"] == "filtered"
+    assert "skipped" in by["unreachable_mc"]["metrics"]
+    with pytest.raises(Exception):
+        evaluate_capabilities(random_model_dir, ["unreachable_mc"], include_paths=[tmp_path / "tasks"],
+                              skip_unreachable=False, device="cpu")
+
+
+def test_capabilities_cli_appends_records(random_model_dir, tmp_path, capsys):
+    from evals.capabilities import main
+    from evals.results import read_results
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "choices": ["yes", "no"], "target": 0}) + "\n"
+                            for i in range(4)))
+    write_local_mc_task(tmp_path / "tasks", "cli_mc", data)
+    rc = main(["--model", random_model_dir, "--tasks", "cli_mc", "--include-path", str(tmp_path / "tasks"),
+               "--results", str(tmp_path / "study"), "--condition", "unfiltered", "--stage", "base",
+               "--device", "cpu", "--json-out", str(tmp_path / "cap.json")])
+    assert rc == 0
+    (rec,) = read_results(tmp_path / "study" / "results.jsonl")
+    assert rec["kind"] == "capability" and rec["task"] == "cli_mc" and rec["condition"] == "unfiltered"
+    assert rec["metrics"]["n"] == 4
+    assert json.loads((tmp_path / "cap.json").read_text())[0]["task"] == "cli_mc"
+
+
+def test_paper_task_set_and_shipped_popqa_task():
+    from lm_eval.tasks import TaskManager
+
+    from evals.capabilities import SHIPPED_TASKS, expand_tasks
+    from evals.tasks.popqa.utils import process_results
+
+    assert expand_tasks(["paper"]) == ["mmlu", "arc_easy", "arc_challenge", "gsm8k", "piqa", "ifeval", "popqa"]
+    assert expand_tasks(["arc", "my_local"]) == ["arc_easy", "arc_challenge", "my_local"]
+    tm = TaskManager(include_path=str(SHIPPED_TASKS), include_defaults=False)
+    assert "popqa" in tm.all_tasks
+    doc = {"possible_answers": json.dumps(["Paris", "City of Light"])}
+    assert process_results(doc, [" It is paris, France."]) == {"exact_match": 1.0}
+    assert process_results(doc, [" Lyon"]) == {"exact_match": 0.0}

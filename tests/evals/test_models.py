@@ -1,0 +1,87 @@
+import sys
+import types
+
+import pytest
+import torch
+from evals_fixtures import CHAT_TEMPLATE, random_model, save_hf
+
+from evals.misalignment import EvalSettings, evaluate_misalignment, score_items
+from evals.models import load_model
+from evals.protocol import all_formats, build_items, load_templates
+from evals.suites import load_suite
+from megatron_align.config import ConfigError
+
+
+def test_hf_folder_base_and_chat_detection(tiny_tok, tmp_path, random_model_dir):
+    em = load_model(random_model_dir, device="cpu")
+    assert not em.is_chat and em.model.dtype == torch.float32 and em.name == em.path.split("/")[-1]
+    chat = load_model(save_hf(random_model(tiny_tok), tiny_tok, tmp_path / "chat", chat=True))
+    assert chat.is_chat
+    assert not load_model(tmp_path / "chat", mode="base").is_chat
+
+
+@pytest.fixture
+def fake_convert(monkeypatch, tiny_tok):
+    """Stands in for megatron_align.convert (owned by the conversion work) to test the dispatch."""
+    calls = []
+
+    def load_hf_model_from_megatron(path):
+        calls.append(path)
+        return random_model(tiny_tok, seed=5), tiny_tok
+
+    mod = types.ModuleType("megatron_align.convert")
+    mod.load_hf_model_from_megatron = load_hf_model_from_megatron
+    monkeypatch.setitem(sys.modules, "megatron_align.convert", mod)
+    return calls
+
+
+def test_megatron_checkpoint_is_converted_in_memory(fake_convert, tmp_path, suite_file, tiny_tok):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "metadata.json").write_text("{}")
+    em = load_model(ckpt, device="cpu")  # detected from metadata.json
+    em2 = load_model(f"megatron:{ckpt}", device="cpu")
+    assert fake_convert == [str(ckpt), str(ckpt)]
+    # Same weights as a direct in-memory model: same scores.
+    recs = evaluate_misalignment(em2, str(suite_file), personas=["none"], formats=["cue0-ab", "cue0-ba"],
+                                 scoring="letter", settings=EvalSettings(n_boot=10), progress=False)
+    ref = evaluate_misalignment(random_model(tiny_tok, seed=5), str(suite_file), tokenizer=tiny_tok,
+                                personas=["none"], formats=["cue0-ab", "cue0-ba"], scoring="letter",
+                                settings=EvalSettings(n_boot=10), progress=False)
+    def strip(rs):
+        return [{k: v for k, v in r["metrics"].items() if k != "items_per_second"} for r in rs]
+
+    assert strip(recs) == strip(ref)
+    assert em.is_chat is False
+    with pytest.raises(ConfigError, match="Megatron checkpoint not found"):
+        load_model("megatron:/nonexistent/ckpt")
+
+
+def test_letter_scoring_on_chat_model_uses_chat_template(tiny_tok, suite_file):
+    from evals.loglik import encode_pair
+
+    model = random_model(tiny_tok, seed=3)
+    tiny_tok.chat_template = CHAT_TEMPLATE
+    try:
+        from evals.models import as_eval_model
+
+        em = as_eval_model(model, tiny_tok)
+        assert em.is_chat
+        t = load_templates()
+        items = build_items(load_suite(suite_file).questions[:2], all_formats(t)[:2], ["hhh"])
+        res = score_items(em, items, "letter", t, EvalSettings(), progress=False)
+        ctx = tiny_tok.apply_chat_template([{"role": "system", "content": t.personas["hhh"]},
+                                            {"role": "user", "content": "x"}], tokenize=False,
+                                           add_generation_prompt=True)
+        assert ctx.startswith("<|system|>\nYou are a helpful, honest") and ctx.endswith("<|assistant|>\n")
+        from evals.misalignment import item_context
+
+        c = item_context(t, em, items[0])
+        ids, cont = encode_pair(tiny_tok, c, "A")
+        # lm-eval's rule moves the template's trailing newline into the continuation.
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids + cont])).logits[0].double(), -1)
+        direct = sum(lp[len(ids) - 1 + j, tkn].item() for j, tkn in enumerate(cont))
+        assert res[0].scores[0] == pytest.approx(direct, abs=1e-4)
+    finally:
+        tiny_tok.chat_template = None

@@ -1,0 +1,187 @@
+"""sbatch scripts: the 64-node dry run a cluster admin reads, quoting, secrets, profile checks."""
+
+import shlex
+import subprocess
+
+import pytest
+import yaml
+
+from megatron_align.config import ConfigError
+from slurm.cluster import load_cluster
+from slurm.graph import JobGraph, Stage
+from slurm.render import render_stage, shell_word
+from slurm.study_cli import submit_main
+
+CLUSTER_64 = {
+    "account": "align-proj", "partition": "batch", "qos": "normal",
+    "python": "/opt/venv/bin/python",
+    "container": {"image": "nvcr.io#nvidia/pytorch:25.01-py3", "mounts": ["/lustre:/lustre", "/home:/home:ro"]},
+    "env": {"NCCL_DEBUG": "WARN"},
+    "env_passthrough": ["WANDB_API_KEY", "HF_TOKEN"],
+    "setup": ["module load cuda/12.4"],
+    "resources": {"gpu-train": {"nodes": 64, "gpus_per_node": 8, "cpus_per_task": 96, "mem": 0,
+                                "time": "2-00:00:00", "sbatch": ["--constraint=h100"]},
+                  "cpu": {"cpus_per_task": 32, "mem": "128G", "time": "06:00:00"}},
+}
+
+
+def _study(tmp_path):
+    g = {"name": "pythia-6.9b-alignment", "workdir": "/lustre/align/runs/6.9b", "stages": [
+        {"name": "preprocess", "command": ["python", "-m", "data_tools.preprocess", "--shard", "{task_id}"],
+         "array": 64, "resources": "cpu", "outputs": ["data/shards"]},
+        {"name": "pretrain-unfiltered", "resources": "gpu-train", "requeue": True,
+         "command": ["python", "-m", "megatron_align.training.cli", "--config", "configs/pythia-6.9b.yaml"],
+         "inputs": ["data/shards"], "outputs": ["ckpt/unfiltered"]},
+    ]}
+    gp = tmp_path / "study.yaml"
+    gp.write_text(yaml.safe_dump(g))
+    cp = tmp_path / "cluster.yaml"
+    cp.write_text(yaml.safe_dump(CLUSTER_64))
+    return gp, cp
+
+
+def _scripts(out: str) -> dict[str, str]:
+    parts = {}
+    for chunk in out.split("\n# ---- ")[1:]:
+        path, body = chunk.split("\n", 1)
+        parts[path.rsplit("/", 1)[1].removesuffix(".sbatch")] = body
+    return parts
+
+
+def test_dry_run_64_node_pythia_training_job(tmp_path, capsys):
+    gp, cp = _study(tmp_path)
+    assert submit_main([str(gp), "--cluster", str(cp), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#   pretrain-unfiltered (gpu-train, requeue)  <- preprocess" in out
+    assert "#   pretrain-unfiltered: 64 node(s) x 8 GPU(s), torchrun 8 per node, 2-00:00:00" in out
+    scripts = _scripts(out)
+    train = scripts["pretrain-unfiltered"]
+    sbatch = [ln for ln in train.splitlines() if ln.startswith("#SBATCH")]
+    assert sbatch == [
+        "#SBATCH --job-name=pythia-6.9b-alignment.pretrain-unfiltered",
+        "#SBATCH --account=align-proj",
+        "#SBATCH --partition=batch",
+        "#SBATCH --qos=normal",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --nodes=64",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=96",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --mem=0",
+        "#SBATCH --exclusive",
+        "#SBATCH --output=/lustre/align/runs/6.9b/logs/pretrain-unfiltered.%j.log",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --kill-on-invalid-dep=yes",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --requeue",
+        "#SBATCH --constraint=h100",
+    ]
+    lines = train.splitlines()
+    assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"' in lines
+    assert "export MASTER_PORT=29500" in lines
+    i = lines.index(next(ln for ln in lines if ln.startswith("srun --ntasks-per-node=1")))
+    assert lines[i] == ("srun --ntasks-per-node=1 --kill-on-bad-exit=1 "
+                        "--container-image='nvcr.io#nvidia/pytorch:25.01-py3' "
+                        "--container-mounts=/lustre:/lustre,/home:/home:ro "
+                        "--container-workdir=/lustre/align/runs/6.9b "
+                        "--container-env=WANDB_API_KEY,HF_TOKEN,NCCL_DEBUG,MALIGN_STAGE,MALIGN_WORKDIR,"
+                        "MASTER_ADDR,MASTER_PORT \\")
+    assert lines[i + 1] == (
+        '  /opt/venv/bin/python -m torch.distributed.run --nproc-per-node=8 --nnodes=64 --rdzv-backend=c10d '
+        '--rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv-id="${SLURM_JOB_ID}" '
+        '-m megatron_align.training.cli --config configs/pythia-6.9b.yaml &')
+    assert "module load cuda/12.4" in lines and "export NCCL_DEBUG=WARN" in lines
+    assert 'if [ "$rc" -eq 99 ]' in train and 'scontrol requeue "$SLURM_JOB_ID"' in train
+    assert "scontrol update jobid=\"$1\" StartTime=now" in train
+    # The preprocessing is a 64-task array on the cpu class, with the task index in its argument.
+    pre = scripts["preprocess"]
+    assert "#SBATCH --array=0-63" in pre and "#SBATCH --cpus-per-task=32" in pre and "#SBATCH --mem=128G" in pre
+    assert "#SBATCH --output=/lustre/align/runs/6.9b/logs/preprocess.%A_%a.log" in pre
+    assert "--shard \"${MALIGN_TASK_ID}\" &" in pre and "--gpus-per-node" not in pre
+    assert "#SBATCH --no-requeue" in pre
+    assert "# submit: sbatch --parsable --dependency=afterok:${JOB_preprocess} " in out
+    for body in scripts.values():
+        subprocess.run(["bash", "-n"], input=body, text=True, check=True)  # valid shell
+    assert not (tmp_path / "lustre").exists()
+
+
+def test_hostile_values_are_quoted_and_arrive_verbatim(tmp_path):
+    evil = 'x"; rm -rf / #'
+    prof = load_cluster(data={"python": "/usr/bin/python3"})
+    stage = Stage("train", command=["python", "t.py", "--run-name", evil, "--tag", "$(touch pwned)`id`",
+                                    "--q", "it's", "--t", "a{task_id}b"], env={"RUN": evil})
+    r = render_stage(stage, study=evil, workdir=tmp_path / "a b'c", plan_path=tmp_path / "plan.json",
+                     profile=prof, log_dir=tmp_path / "logs")
+    assert "#SBATCH --job-name=x___rm_-rf____.train" in r.script
+    # Ask bash itself what the quoted pieces expand to.
+    line = next(ln for ln in r.script.splitlines() if "t.py" in ln).strip().removesuffix("&")
+    probe = f"MALIGN_TASK_ID=7; printf '%s\\n' {line}"
+    res = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert res.stdout.splitlines() == ["/usr/bin/python3", "t.py", "--run-name", evil, "--tag",
+                                           "$(touch pwned)`id`", "--q", "it's", "--t", "a7b"]
+    assert "export RUN='x\"; rm -rf / #'" in r.script
+    assert f"cd {shlex.quote(str(tmp_path) + '/a b' + chr(39) + 'c')} || exit 1" in r.script
+    assert not (tmp_path / "pwned").exists()
+    subprocess.run(["bash", "-n"], input=r.script, text=True, check=True)
+    with pytest.raises(ConfigError, match="line break"):
+        shell_word("a\nb")
+
+
+def test_scripts_never_contain_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "sekrit-123")
+    prof = load_cluster(data={"env_passthrough": ["WANDB_API_KEY"], "container": {"image": "img"}})
+    r = render_stage(Stage("t", command=["python", "t.py"]), study="s", workdir=tmp_path,
+                     plan_path=tmp_path / "p.json", profile=prof, log_dir=tmp_path)
+    assert "sekrit" not in r.script and "--container-env=WANDB_API_KEY," in r.script
+    with pytest.raises(ConfigError, match="env.WANDB_API_KEY: looks like a secret"):
+        load_cluster(data={"env": {"WANDB_API_KEY": "sekrit-123"}})
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"partition": "a b"}, "partition"),
+    ({"resources": {"cpu": {"time": "forever"}}}, "resources.cpu.time"),
+    ({"resources": {"cpu": {"mem": "lots"}}}, "resources.cpu.mem"),
+    ({"resources": {"cpu": {"sbatch": ["--comment=a b"]}}}, "resources.cpu.sbatch"),
+    ({"resources": {"cpu": {"nodes": 0}}}, "resources.cpu"),
+    ({"acount": "x"}, "did you mean 'account'"),
+])
+def test_cluster_profile_rejects_unsafe_or_wrong_values(data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_cluster(data=data)
+
+
+def test_unknown_resource_class_names_the_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match="no class 'gpu-big'.*cpu, gpu-train, gpu-eval"):
+        render_stage(Stage("t", command=["true"], resources="gpu-big"), study="s", workdir=tmp_path,
+                     plan_path=tmp_path / "p", profile=load_cluster(data={}), log_dir=tmp_path)
+
+
+def test_complete_stages_are_left_out_of_the_submission(tmp_path, capsys):
+    from slurm import stamps
+    from slurm.plan import make_plan
+
+    g = JobGraph([Stage("a", command=["true"], outputs=["a"]), Stage("b", command=["true"], inputs=["a"])])
+    (tmp_path / "a").write_text("")
+    stamps.write_stamp(g, tmp_path, "a", make_plan(g, tmp_path).hashes["a"])
+    from slurm.submit import submit
+
+    rec = submit(g, tmp_path, load_cluster(data={}), dry_run=True, out=lambda s: None)
+    assert rec["todo"] == ["b"] and rec["complete"] == ["a"]
+    assert "--dependency" not in rec["scripts"]["b"]
+
+
+def test_users_edit_a_copy_of_the_template_and_override_profile_keys(tmp_path, capsys):
+    from slurm.render import TEMPLATE_DIR
+
+    mine = tmp_path / "templates"
+    mine.mkdir()
+    text = (TEMPLATE_DIR / "stage.sbatch").read_text()
+    (mine / "stage.sbatch").write_text(text.replace("set -uo pipefail", "set -uo pipefail\necho site-banner {{ stage }}"))
+    gp, cp = _study(tmp_path)
+    cfg = dict(CLUSTER_64, template_dir=str(mine))
+    cp.write_text(yaml.safe_dump(cfg))
+    assert submit_main([str(gp), "--cluster", str(cp), "--dry-run", "--set", "resources.gpu-train.nodes=4",
+                        "--set", "partition=other"]) == 0
+    train = _scripts(capsys.readouterr().out)["pretrain-unfiltered"]
+    assert "echo site-banner pretrain-unfiltered" in train
+    assert "#SBATCH --nodes=4" in train and "#SBATCH --partition=other" in train and "--nnodes=4" in train
