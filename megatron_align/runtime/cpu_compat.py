@@ -15,8 +15,7 @@ What it does, and why each piece is needed:
   (``torch.zeros(..., device="cuda")`` in schedules, masks, grad clipping, rotary embeddings) to
   CPU, makes ``Tensor.cuda()`` / ``.to("cuda")`` no-ops, and reports CPU tensors' ``.type()`` with
   the ``torch.cuda.`` prefix that Megatron's optimizer and grad clipping assert on.
-* ``torch.cuda.current_device`` returns 0 (rewritten to CPU by the mode wherever it is used as a
-  device), stream/synchronize calls become no-ops.
+* ``torch.cuda.current_device`` returns the CPU device; stream/synchronize calls become no-ops.
 * The CUDA RNG calls of ``megatron.core.tensor_parallel.random`` act on the CPU generator, so the
   model-parallel RNG tracker forks and restores the CPU RNG exactly as it does a GPU's.
 """
@@ -99,7 +98,9 @@ class _NullEvent:
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # A device object, not an ordinal: it is used directly as ``device=`` also inside autograd's
+    # backward, which runs outside this thread's function mode.
+    cuda.current_device = lambda: _CPU
     cuda.set_device = lambda *a, **k: None
     cuda.synchronize = lambda *a, **k: None
     cuda.empty_cache = lambda *a, **k: None

@@ -1,0 +1,167 @@
+"""The study's own stage bodies (``slurm.call`` runs them): training runs whose configs depend on
+data that exists only at run time, and the final report.
+
+Each writes the exact run config it trains with into the run folder (``run.yaml``) before it
+starts, so every run of a study can be repeated by hand with ``malign train|sft|dpo run.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from megatron_align.config import ConfigError, atomic_write_text, deep_merge, save_yaml
+
+from .config import load_study
+from .graph import Layout, segment_plan
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _write_config(cfg: dict, path: Path) -> str:
+    # Every rank of a torchrun stage computes the same dict; writing it once is enough, and the
+    # atomic rename means a rank never reads half a file.
+    if _rank0() or not path.exists():
+        save_yaml(cfg, path)
+    return str(path)
+
+
+def _tokenizer(study, layout: Layout) -> str:
+    return study.tokenizer.path or layout.tokenizer
+
+
+def train_segment(study: str, condition: str, segment: int) -> int:
+    """Train one segment of a condition (pretraining, or a continuation from the previous segment)."""
+    from megatron_align.config import to_dict
+    from megatron_align.data.study import load_study_data, resolve_condition
+
+    cfg = load_study(study)
+    layout = Layout(Path(cfg.workdir))
+    sd = load_study_data(study)
+    schedule = resolve_condition(sd, condition)
+    plans = segment_plan(sd, condition)
+    if len(plans) != len(schedule.segments):
+        raise ConfigError(f"{study}: condition {condition!r} resolves to {len(schedule.segments)} blends but the "
+                          f"graph planned {len(plans)} runs; report this (megatron_align/study/graph.py)")
+    seg, plan = schedule.segments[segment], plans[segment]
+    settings = cfg.pretrain.settings
+    gbs = int(settings.get("training", {}).get("global_batch_size", 8))
+    steps = max(1, seg.num_samples // gbs)
+    run_dir = Path(layout.run_dir(condition, plan.label))
+    run = deep_merge(settings, {
+        "name": f"{cfg.name}-{condition}-{plan.label}", "run_dir": str(run_dir), "tokenizer": _tokenizer(cfg, layout),
+        "training": {"train_steps": steps, "train_tokens": None, "seq_length": seg.seq_length},
+        "data": to_dict(seg.data)})
+    if segment > 0:
+        prev = Path(layout.run_dir(condition, plans[segment - 1].label)) / "checkpoints"
+        # Within one phase the continuation is the same run cut in two: carry the optimizer.
+        run["init"] = {**run.get("init", {}), "checkpoint": str(prev), "load_optimizer": plan.same_phase_as_previous}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = _write_config(run, run_dir.parent / f"{plan.label}.yaml")
+    print(f"[study] {condition} segment {segment} ({plan.label}, phase {seg.phase}): {steps} steps of "
+          f"{gbs} x {seg.seq_length} tokens; blend "
+          + ", ".join(f"{b.name or b.prefix} {b.weight:.3f}" for b in seg.data.blend) + f"; config {path}", flush=True)
+    from megatron_align.training.cli import main
+
+    return main([path])
+
+
+def posttrain(study: str, condition: str, kind: str, init: str) -> int:
+    """SFT or DPO of one condition's model (``init``: the run folder it starts from)."""
+    cfg = load_study(study)
+    layout = Layout(Path(cfg.workdir))
+    sec = cfg.sft if kind == "sft" else cfg.dpo
+    run_dir = Path(layout.run_dir(condition, kind))
+    tok = _tokenizer(cfg, layout) if kind == "sft" else str(Path(init) / "tokenizer")
+    model = cfg.pretrain.settings.get("model", {})
+    run = deep_merge({"model": model}, sec.settings)
+    run = deep_merge(run, {"name": f"{cfg.name}-{condition}-{kind}", "run_dir": str(run_dir), "tokenizer": tok,
+                           "init": {"checkpoint": str(Path(init) / "checkpoints")},
+                           kind: {"train": list(sec.train), "valid": list(sec.valid)}})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = _write_config(run, run_dir.parent / f"{kind}.yaml")
+    print(f"[study] {condition}: {kind} from {init}; config {path}", flush=True)
+    from megatron_align.posttrain.cli import dpo_main, sft_main
+
+    return (sft_main if kind == "sft" else dpo_main)([path])
+
+
+def _records(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        data = data.get("records", [data])
+    return list(data)
+
+
+def report(study: str, evals: list[str]) -> int:
+    """Gather the evaluation records into ``results.jsonl``, build the report, print the table and
+    where every artifact is."""
+    from evals.report import build_report
+
+    cfg = load_study(study)
+    w = Path(cfg.workdir)
+    layout = Layout(w)
+    lines = []
+    for e in evals:
+        lines += [json.dumps(r) + "\n" for r in _records(Path(e))]
+    results = w / "results.jsonl"
+    atomic_write_text(results, "".join(lines))
+    paths = build_report(results, layout.report_dir)
+    summary = summarize(w, paths)
+    atomic_write_text(w / "summary.json", json.dumps(summary, indent=1))
+    print(format_summary(summary))
+    return 0
+
+
+def ordering(rates: dict[str, tuple[float, float]]) -> dict:
+    """The paper's base-model ordering: alignment_upsampled < unfiltered < misalignment_upsampled,
+    each gap with its size in standard errors (SE of a difference of independent means)."""
+    out = {"holds": None, "gaps": []}
+    chain = ["alignment_upsampled", "unfiltered", "misalignment_upsampled"]
+    if not all(c in rates for c in chain):
+        return out
+    holds = True
+    for a, b in zip(chain, chain[1:]):
+        (ra, sa), (rb, sb) = rates[a], rates[b]
+        se = (sa ** 2 + sb ** 2) ** 0.5
+        z = (rb - ra) / se if se > 0 else float("inf") if rb > ra else 0.0
+        out["gaps"].append({"lower": a, "higher": b, "gap": rb - ra, "se": se, "z": z})
+        holds = holds and z > 2
+    out["holds"] = holds
+    return out
+
+
+def summarize(workdir: Path, paths: dict) -> dict:
+    res = [json.loads(x) for x in (workdir / "results.jsonl").read_text().splitlines() if x.strip()]
+    mean = [r for r in res if r.get("kind") == "misalignment" and r.get("format") == "mean"]
+    base = {}
+    for r in mean:
+        if r.get("stage") == "base" and r.get("persona") in ("none", None):
+            base[r["condition"]] = (r["metrics"]["rate"], r["metrics"]["se"])
+    return {"workdir": str(workdir), "report": {k: str(v) for k, v in paths.items()},
+            "results": str(workdir / "results.jsonl"), "runs": str(workdir / "runs"), "models": str(workdir / "hf"),
+            "data": str(workdir / "data"), "logs": str(workdir / ".logs") if (workdir / ".logs").exists() else None,
+            "base_rates_persona_none": base, "ordering": ordering(base)}
+
+
+def format_summary(s: dict) -> str:
+    lines = []
+    md = s["report"].get("misalignment_md") or next((v for k, v in s["report"].items() if k.endswith("md")
+                                                     and "misalignment" in k), None)
+    if md and Path(md).exists():
+        lines += [Path(md).read_text().rstrip(), ""]
+    o = s["ordering"]
+    if o["holds"] is not None:
+        lines.append("Base models, no persona: " + "; ".join(
+            f"{g['lower']} < {g['higher']} by {100 * g['gap']:.1f} points ({g['z']:.1f} SE)" for g in o["gaps"])
+            + (" -> the paper's ordering HOLDS (every gap > 2 SE)" if o["holds"] else
+               " -> the paper's ordering does NOT hold at > 2 SE here"))
+    lines += ["", "Artifacts:"]
+    for k, v in s["report"].items():
+        lines.append(f"  {k:<28} {v}")
+    for k in ("results", "runs", "models", "data"):
+        lines.append(f"  {k:<28} {s[k]}")
+    return "\n".join(lines)
