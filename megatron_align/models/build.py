@@ -62,6 +62,9 @@ def transformer_config(model: ModelConfig, parallel, precision, *, seq_length: i
     te = use_transformer_engine(precision)
     if precision.fp8:
         check_fp8_hardware(precision)
+    if parallel.context > 1 and not te:
+        raise ConfigError("parallel.context > 1 needs Transformer Engine's attention (ring attention); "
+                          "install the [te] extra on a CUDA machine or set parallel.context=1")
     neox = model.arch == "gpt_neox"
     kwargs = dict(
         num_layers=model.num_layers,

@@ -124,3 +124,16 @@ def test_continued_pretraining_starts_from_loaded_weights(tmp_path, data, uninte
     assert first["eval_loss"] == pytest.approx(source_last_eval, abs=1e-6)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["initialised_from"].endswith("step_0000008")
+
+
+def test_midtraining_with_longer_sequences(tmp_path, data, uninterrupted):
+    """The paper's midtraining grows the sequence length: a run initialised from a checkpoint trained
+    at 32 tokens continues at 128 (RoPE has no position table to resize)."""
+    cfg = run_config(tmp_path, data["b"], **{
+        "training.train_steps": 2, "training.seq_length": 128, "training.global_batch_size": 4,
+        "init.checkpoint": str(uninterrupted / "checkpoints"), "scheduler.warmup_steps": 0})
+    torchrun(1, write_yaml(tmp_path / "mid.yaml", cfg))
+    losses = read_losses(tmp_path / "run")
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["initialised_from"].endswith("step_0000008")
