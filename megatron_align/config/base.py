@@ -212,11 +212,12 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> T:
+                base: dict | None = None, resolve=None) -> T:
     """YAML file (optional) + ``--set`` overrides -> validated ``cls``.
 
-    ``base`` is a mapping applied under the file (used for presets). Validation errors raised by
-    the config's own ``validate()`` are re-raised naming the file.
+    ``base`` is a mapping applied under the file. ``resolve(data, source) -> data`` rewrites the
+    merged mapping before it is typed (used to expand presets). Validation errors raised by the
+    config's own ``validate()`` are re-raised naming the file.
     """
     data = dict(base or {})
     source = None
@@ -226,6 +227,8 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     if overrides:
         data = deep_merge(data, parse_overrides(overrides))
         source = f"{source} (with --set)" if source else "--set"
+    if resolve is not None:
+        data = resolve(data, source)
     cfg = from_dict(cls, data, source=source)
     validate = getattr(cfg, "validate", None)
     if callable(validate):

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_align.config import ConfigError, load_config, load_yaml, deep_merge, parse_overrides, from_dict
+from megatron_align.config import ConfigError, load_config
 from megatron_align.data.config import DataConfig
 from megatron_align.models.config import ModelConfig, resolve_model_section
 
@@ -223,20 +223,7 @@ def _resolve(raw: dict, source: str | None) -> dict:
 def load_train_config(path: str | None = None, overrides: list[str] | None = None,
                       base: dict | None = None, cls=TrainConfig):
     """YAML + ``--set`` -> validated config (layout checks happen once the world size is known)."""
-    data = dict(base or {})
-    source = None
-    if path is not None:
-        source = str(path)
-        data = deep_merge(data, load_yaml(path))
-    if overrides:
-        data = deep_merge(data, parse_overrides(overrides))
-        source = f"{source} (with --set)" if source else "--set"
-    cfg = from_dict(cls, _resolve(data, source), source=source)
-    try:
-        cfg.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
-    return cfg
+    return load_config(cls, path, overrides, base=base, resolve=_resolve)
 
 
 __all__ = [
