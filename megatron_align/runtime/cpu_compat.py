@@ -96,8 +96,17 @@ class _NullEvent:
         return 0.0
 
 
+_CUDA_NAMES = ("current_device", "set_device", "synchronize", "empty_cache", "current_stream", "default_stream",
+               "Stream", "Event", "stream", "device", "get_rng_state", "set_rng_state", "manual_seed",
+               "manual_seed_all", "memory_allocated", "max_memory_allocated", "memory_reserved",
+               "max_memory_reserved", "reset_peak_memory_stats")
+_SAVED: dict = {}
+_MODE: TorchFunctionMode | None = None
+
+
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
+    _SAVED["cuda"] = {name: getattr(cuda, name) for name in _CUDA_NAMES if hasattr(cuda, name)}
     # A device object, not an ordinal: it is used directly as ``device=`` also inside autograd's
     # backward, which runs outside this thread's function mode.
     cuda.current_device = lambda: _CPU
@@ -132,13 +141,14 @@ def _patch_megatron_rng() -> None:
     def _set_state(new_state, device=-1, graph_safe=False):
         torch.set_rng_state(new_state)
 
+    _SAVED["megatron_rng"] = (mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
     mrandom._get_cuda_rng_state = _get_state
     mrandom._set_cuda_rng_state = _set_state
 
 
 def activate() -> bool:
     """Install the CPU redirection (idempotent). Returns True if it is active."""
-    global _ACTIVE
+    global _ACTIVE, _MODE
     if torch.cuda.is_available():
         return False
     with _LOCK:
@@ -146,10 +156,30 @@ def activate() -> bool:
             return True
         _patch_torch_cuda()
         _patch_megatron_rng()
-        # Entered for the life of the process: Megatron allocates CUDA tensors at any time.
-        _CudaToCpuMode().__enter__()
+        # Entered until deactivate(): Megatron allocates CUDA tensors at any time.
+        _MODE = _CudaToCpuMode()
+        _MODE.__enter__()
         _ACTIVE = True
     return True
+
+
+def deactivate() -> None:
+    """Undo :func:`activate` (the runtime calls it when it tears down its process group), so a
+    process that used Megatron in-process (a test, an in-memory export) gets plain torch back."""
+    global _ACTIVE, _MODE
+    with _LOCK:
+        if not _ACTIVE:
+            return
+        for name, value in _SAVED.pop("cuda", {}).items():
+            setattr(torch.cuda, name, value)
+        if "megatron_rng" in _SAVED:
+            from megatron.core.tensor_parallel import random as mrandom
+
+            mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = _SAVED.pop("megatron_rng")
+        if _MODE is not None:
+            _MODE.__exit__(None, None, None)
+            _MODE = None
+        _ACTIVE = False
 
 
 def is_active() -> bool:

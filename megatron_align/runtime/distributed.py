@@ -95,10 +95,13 @@ def set_seed(seed: int) -> None:
 def destroy() -> None:
     from megatron.core import parallel_state
 
+    from megatron_align.runtime import cpu_compat
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    cpu_compat.deactivate()
 
 
 def is_rank0() -> bool:
