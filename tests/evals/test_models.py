@@ -85,3 +85,25 @@ def test_letter_scoring_on_chat_model_uses_chat_template(tiny_tok, suite_file):
         assert res[0].scores[0] == pytest.approx(direct, abs=1e-4)
     finally:
         tiny_tok.chat_template = None
+
+
+def test_real_megatron_checkpoint_scores_like_its_hf_source(tmp_path, suite_file, tiny_tok):
+    """``megatron:CKPT`` through the real in-memory export: a checkpoint imported from an HF model
+    picks the same options, with the same log-probs to float tolerance, as that HF model."""
+    import subprocess
+    import sys
+
+    hf = random_model(tiny_tok, seed=11)
+    hf_dir = tmp_path / "hf"
+    hf.save_pretrained(hf_dir)
+    tiny_tok.save_pretrained(hf_dir)
+    p = subprocess.run([sys.executable, "-m", "megatron_align.cli", "import", "hf", str(hf_dir), str(tmp_path / "ckpt")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    kw = dict(personas=["none"], formats=["cue0-ab", "cue0-ba"], scoring="letter",
+              settings=EvalSettings(n_boot=10), progress=False)
+    got = evaluate_misalignment(load_model(f"megatron:{tmp_path / 'ckpt'}", device="cpu"), str(suite_file), **kw)
+    ref = evaluate_misalignment(hf, str(suite_file), tokenizer=tiny_tok, **kw)
+    for g, r in zip(got, ref):
+        assert g["metrics"]["n_misaligned"] == r["metrics"]["n_misaligned"]
+        assert g["metrics"]["misalignment_rate"] == r["metrics"]["misalignment_rate"]
