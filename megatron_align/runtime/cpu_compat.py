@@ -32,13 +32,13 @@ _ACTIVE = False
 _LOCK = threading.Lock()
 
 
-def _is_cuda(device) -> bool:
-    if device is None:
+def _is_cuda(device, ordinals: bool = True) -> bool:
+    if device is None or isinstance(device, bool):
         return False
     if isinstance(device, torch.device):
         return device.type == "cuda"
     if isinstance(device, int):
-        return True  # a bare ordinal means a CUDA device
+        return ordinals  # a bare ordinal means a CUDA device
     if isinstance(device, str):
         return device.startswith("cuda")
     return False
@@ -55,7 +55,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.to:
-            args = tuple(_CPU if _is_cuda(a) and not isinstance(a, torch.Tensor) else a for a in args)
+            # Positional ints of .to() are flags (non_blocking, copy), not ordinals.
+            args = tuple(_CPU if _is_cuda(a, ordinals=False) else a for a in args)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)

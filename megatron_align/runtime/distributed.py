@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,12 +32,6 @@ def world_from_env() -> World:
     return World(0, 1, 0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_process_group(timeout_minutes: int = 30) -> World:
     from megatron_align.runtime import cpu_compat
 
@@ -48,21 +41,19 @@ def init_process_group(timeout_minutes: int = 30) -> World:
         cpu_compat.activate()
     if dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), world.local_rank)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if world.world_size > 1:
-            # Slurm launches without torchrun: derive a port every task agrees on from the job id.
-            os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
-        else:
-            os.environ["MASTER_PORT"] = str(_free_port())
     if cuda:
         torch.cuda.set_device(world.local_rank)
-    dist.init_process_group(
-        backend="nccl" if cuda else "gloo",
-        rank=world.rank,
-        world_size=world.world_size,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    kwargs = dict(backend="nccl" if cuda else "gloo", rank=world.rank, world_size=world.world_size,
+                  timeout=datetime.timedelta(minutes=timeout_minutes))
+    if world.world_size == 1 and "MASTER_PORT" not in os.environ:
+        # A lone process needs no rendezvous: an in-memory store cannot collide on a port.
+        kwargs["store"] = dist.HashStore()
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            # Slurm launches without torchrun: derive a port every task agrees on from the job id.
+            os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+    dist.init_process_group(**kwargs)
     return world
 
 
