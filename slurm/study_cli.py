@@ -19,39 +19,55 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_align.config import ConfigError, load_yaml
+from megatron_align.config import load_yaml
 
 from . import stamps
 from .graph import JobGraph
 from .plan import make_plan
 
 
-def build_study_graph(study_cfg) -> JobGraph:
-    """Study config -> the pipeline's job graph (preprocess ... report). Not written yet."""
-    raise ConfigError(
-        "building the job graph from a study config is NOT IMPLEMENTED yet (it waits for the study "
-        "config schema); give a graph YAML with a top-level 'stages:' list instead (see "
-        "`malign study run --help`)")
+def build_study_graph(study_cfg, workdir: str | Path | None = None, source: str | None = None) -> JobGraph:
+    """Study config (a mapping, or a :class:`megatron_align.study.config.StudyConfig`) -> the
+    pipeline's job graph: synth -> tokenizer -> filter -> preprocess (-> merge) -> prebuild ->
+    pretrain (-> midtrain / continue) per condition -> SFT -> DPO -> export -> evaluate -> report.
+
+    Relative paths in a mapping resolve against ``source``'s folder (else the current one); the
+    workdir defaults to the config's ``workdir`` or ``studies/<name>``.
+    """
+    from megatron_align.study.config import StudyConfig, study_from_dict
+    from megatron_align.study.graph import build_graph
+
+    if isinstance(study_cfg, StudyConfig):
+        cfg = study_cfg
+    else:
+        base = Path(source).resolve().parent if source else Path.cwd()
+        cfg = study_from_dict(dict(study_cfg), source=source, base=base)
+    wd = Path(workdir) if workdir else Path(cfg.workdir or Path("studies") / cfg.name)
+    return build_graph(cfg, wd.resolve())
 
 
-def load_graph(path: str, workdir: str | None) -> tuple[JobGraph, Path]:
-    p = Path(path)
+def load_graph(path: str | None, workdir: str | None) -> tuple[JobGraph, Path]:
+    from megatron_align.study.config import DEFAULT_STUDY, load_study
+
+    p = Path(path) if path else DEFAULT_STUDY
     data = load_yaml(p)
     if "stages" in data:
         graph = JobGraph.from_dict(data, source=str(p))
         base = p.resolve().parent
         wd = Path(workdir) if workdir else base / str(data.get("workdir") or ".")
         return graph, wd.resolve()
-    graph = build_study_graph(data)
-    if not workdir:
-        raise ConfigError(f"{p}: give --workdir for a study config")
-    return graph, Path(workdir).resolve()
+    cfg = load_study(p)
+    wd = Path(workdir or cfg.workdir or Path("studies") / cfg.name).resolve()
+    return build_study_graph(cfg, wd), wd
 
 
 def _common(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("study", help="study config, or a graph YAML with a top-level 'stages:' list")
+    ap.add_argument("study", nargs="?", default=None,
+                    help="study config, or a graph YAML with a top-level 'stages:' list (default: the shipped "
+                         "tiny study, megatron_align/study/presets/tiny.yaml)")
     ap.add_argument("--workdir", help="where stamps, logs and stage outputs live (default: the YAML's "
-                                      "'workdir:', relative to the file, else the file's folder)")
+                                      "'workdir:', relative to the file; a study config without one: "
+                                      "studies/<name> here)")
 
 
 def run_main(argv: list[str] | None = None, prog: str = "malign study run") -> int:
@@ -70,6 +86,11 @@ def run_main(argv: list[str] | None = None, prog: str = "malign study run") -> i
     from .local import run_local
 
     record = run_local(graph, workdir, force=args.force)
+    summary = workdir / "summary.json"
+    if not record.get("failed") and summary.exists():
+        from megatron_align.study.steps import format_summary
+
+        print(format_summary(json.loads(summary.read_text())))
     return 1 if record.get("failed") else 0
 
 

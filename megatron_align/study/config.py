@@ -87,8 +87,12 @@ class SynthSection:
 class RunSection:
     settings: dict[str, Any] = field(default_factory=dict)
     """TrainConfig keys (model, training, optimizer, scheduler, checkpoint, logging, precision...)."""
-    nproc: int = 1
-    nodes: int = 1
+    phase_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per data phase (by name), keys merged over ``settings`` for that phase's runs (e.g. midtraining's LR)."""
+    nproc: int | None = None
+    """Processes per node (torchrun); unset: 1 here, the resource class's GPUs per node on Slurm."""
+    nodes: int | None = None
+    """Unset: the cluster profile's resource class decides (1 on this machine)."""
     resources: str = "cpu"
     time: str | None = None
 

@@ -181,6 +181,9 @@ def build_graph(cfg: StudyConfig, workdir: str | Path):
     workdir = Path(workdir).resolve()
     L = Layout(workdir)
     study_file = write_resolved_study(cfg, workdir)
+    import yaml
+
+    resolved = yaml.safe_load(Path(study_file).read_text())
     sd = from_dict(StudyData, study_data(cfg, L))
     conds = conditions_of(cfg)
     py = ["python", "-m", "megatron_align.cli"]
@@ -248,7 +251,7 @@ def build_graph(cfg: StudyConfig, workdir: str | Path):
     # -- blends of every condition, built once
     g.add(Stage("prebuild", command=py + ["data", "prebuild", study_file, "--conditions", ",".join(conds),
                                           "-j", "1", "--no-progress"],
-                inputs=[study_file, *prefixes], outputs=[L.prebuild_json], resources="cpu"))
+                config={"data": resolved["data"]}, inputs=prefixes, outputs=[L.prebuild_json], resources="cpu"))
 
     # -- pretraining (+ midtraining / continued pretraining) per condition
     last_run: dict[str, str] = {}
@@ -257,9 +260,12 @@ def build_graph(cfg: StudyConfig, workdir: str | Path):
         prev = None
         for seg in segment_plan(sd, c):
             rd = L.run_dir(c, seg.label)
+            # The stamp covers what this run depends on (the resolved data section, the run settings,
+            # the tokenizer), not the whole study file: editing the evaluation keeps the models.
             g.add(Stage(f"{seg.label}_{c}", call="megatron_align.study.steps:train_segment",
                         kwargs={"study": study_file, "condition": c, "segment": seg.index},
-                        inputs=[study_file, L.prebuild_json] + ([prev] if prev else []), outputs=[rd],
+                        config={"data": resolved["data"], "pretrain": resolved["pretrain"], "tokenizer": tok},
+                        inputs=[L.prebuild_json] + ([prev] if prev else []), outputs=[rd],
                         nproc=pr.nproc, nodes=pr.nodes, resources=pr.resources, requeue=True, time=pr.time))
             prev = rd
         last_run[c] = prev
@@ -272,7 +278,8 @@ def build_graph(cfg: StudyConfig, workdir: str | Path):
             rd = L.run_dir(c, kind)
             g.add(Stage(f"{kind}_{c}", call="megatron_align.study.steps:posttrain",
                         kwargs={"study": study_file, "condition": c, "kind": kind, "init": src},
-                        inputs=[study_file, src, *_files(sec.train), *_files(sec.valid)], outputs=[rd],
+                        config={kind: resolved[kind], "model": resolved["pretrain"]["settings"].get("model")},
+                        inputs=[src, *_files(sec.train), *_files(sec.valid)], outputs=[rd],
                         nproc=sec.nproc, nodes=sec.nodes, resources=sec.resources, requeue=True, time=sec.time))
             post_run[c] = (kind, rd)
 

@@ -47,7 +47,7 @@ def train_segment(study: str, condition: str, segment: int) -> int:
         raise ConfigError(f"{study}: condition {condition!r} resolves to {len(schedule.segments)} blends but the "
                           f"graph planned {len(plans)} runs; report this (megatron_align/study/graph.py)")
     seg, plan = schedule.segments[segment], plans[segment]
-    settings = cfg.pretrain.settings
+    settings = deep_merge(cfg.pretrain.settings, cfg.pretrain.phase_settings.get(seg.phase, {}))
     gbs = int(settings.get("training", {}).get("global_batch_size", 8))
     steps = max(1, seg.num_samples // gbs)
     run_dir = Path(layout.run_dir(condition, plan.label))
@@ -116,49 +116,68 @@ def report(study: str, evals: list[str]) -> int:
     return 0
 
 
-def ordering(rates: dict[str, tuple[float, float]]) -> dict:
+def _z(gap: float, se: float) -> float:
+    return gap / se if se > 0 else (float("inf") if gap > 0 else 0.0)
+
+
+def ordering(rates: dict[str, tuple], question_se: dict[str, float] | None = None) -> dict:
     """The paper's base-model ordering: alignment_upsampled < unfiltered < misalignment_upsampled,
-    each gap with its size in standard errors (SE of a difference of independent means)."""
-    out = {"holds": None, "gaps": []}
+    each gap in standard errors of a difference: the paper's SE over the 8 formats, and (stricter,
+    when the bootstrap CI is known) a question-level SE from the 95% CI over questions."""
+    out = {"holds": None, "holds_question_level": None, "gaps": []}
     chain = ["alignment_upsampled", "unfiltered", "misalignment_upsampled"]
     if not all(c in rates for c in chain):
         return out
-    holds = True
+    holds = holds_q = True
     for a, b in zip(chain, chain[1:]):
-        (ra, sa), (rb, sb) = rates[a], rates[b]
+        (ra, sa), (rb, sb) = rates[a][:2], rates[b][:2]
         se = (sa ** 2 + sb ** 2) ** 0.5
-        z = (rb - ra) / se if se > 0 else float("inf") if rb > ra else 0.0
-        out["gaps"].append({"lower": a, "higher": b, "gap": rb - ra, "se": se, "z": z})
-        holds = holds and z > 2
+        g = {"lower": a, "higher": b, "gap": rb - ra, "se": se, "z": _z(rb - ra, se)}
+        holds = holds and g["z"] > 2
+        if question_se and a in question_se and b in question_se:
+            sq = (question_se[a] ** 2 + question_se[b] ** 2) ** 0.5
+            g.update(se_questions=sq, z_questions=_z(rb - ra, sq))
+            holds_q = holds_q and g["z_questions"] > 2
+        else:
+            holds_q = None
+        out["gaps"].append(g)
     out["holds"] = holds
+    out["holds_question_level"] = holds_q
     return out
 
 
 def summarize(workdir: Path, paths: dict) -> dict:
     res = [json.loads(x) for x in (workdir / "results.jsonl").read_text().splitlines() if x.strip()]
     mean = [r for r in res if r.get("kind") == "misalignment" and r.get("format") == "mean"]
-    base = {}
+    base, qse = {}, {}
     for r in mean:
         if r.get("stage") == "base" and r.get("persona") in ("none", None):
-            base[r["condition"]] = (r["metrics"]["rate"], r["metrics"]["se"])
-    return {"workdir": str(workdir), "report": {k: str(v) for k, v in paths.items()},
+            m = r["metrics"]
+            base[r["condition"]] = (m["misalignment_rate"], m["se"])
+            if m.get("ci_low") is not None and m.get("ci_high") is not None:
+                qse[r["condition"]] = (m["ci_high"] - m["ci_low"]) / 3.92
+    return {"workdir": str(workdir), "table": str(Path(workdir) / "report" / "misalignment.md"),
+            "report": {k: str(v) for k, v in paths.items()},
             "results": str(workdir / "results.jsonl"), "runs": str(workdir / "runs"), "models": str(workdir / "hf"),
             "data": str(workdir / "data"), "logs": str(workdir / ".logs") if (workdir / ".logs").exists() else None,
-            "base_rates_persona_none": base, "ordering": ordering(base)}
+            "base_rates_persona_none": base, "ordering": ordering(base, qse)}
 
 
 def format_summary(s: dict) -> str:
     lines = []
-    md = s["report"].get("misalignment_md") or next((v for k, v in s["report"].items() if k.endswith("md")
-                                                     and "misalignment" in k), None)
+    md = s.get("table")
     if md and Path(md).exists():
         lines += [Path(md).read_text().rstrip(), ""]
     o = s["ordering"]
     if o["holds"] is not None:
         lines.append("Base models, no persona: " + "; ".join(
-            f"{g['lower']} < {g['higher']} by {100 * g['gap']:.1f} points ({g['z']:.1f} SE)" for g in o["gaps"])
-            + (" -> the paper's ordering HOLDS (every gap > 2 SE)" if o["holds"] else
-               " -> the paper's ordering does NOT hold at > 2 SE here"))
+            f"{g['lower']} < {g['higher']} by {100 * g['gap']:.1f} points ({g['z']:.1f} SE over formats"
+            + (f", {g['z_questions']:.1f} SE over questions" if "z_questions" in g else "") + ")"
+            for g in o["gaps"]))
+        lines.append("The paper's ordering (alignment_upsampled < unfiltered < misalignment_upsampled, gaps > 2 SE): "
+                     + ("HOLDS" if o["holds"] else "does NOT hold") + " with the SE over formats"
+                     + ("" if o.get("holds_question_level") is None else
+                        ("; HOLDS" if o["holds_question_level"] else "; does NOT hold") + " with the SE over questions"))
     lines += ["", "Artifacts:"]
     for k, v in s["report"].items():
         lines.append(f"  {k:<28} {v}")

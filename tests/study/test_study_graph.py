@@ -1,0 +1,107 @@
+"""The study config -> job graph: stage order, per-condition stages, and the pythia-6.9b dry run."""
+
+from __future__ import annotations
+
+import yaml
+
+import pytest
+
+from megatron_align.config import ConfigError, from_dict
+from megatron_align.data.study import StudyData
+from megatron_align.study.config import load_study, preset_path
+from megatron_align.study.graph import Layout, build_graph, segment_plan, study_data
+from slurm.study_cli import submit_main
+
+PAPER4 = ["unfiltered", "filtered", "misalignment_upsampled", "alignment_upsampled"]
+
+
+def _before(order, a, b):
+    assert order.index(a) < order.index(b), f"{a} must run before {b}"
+
+
+def test_tiny_graph_order_and_conditions(tmp_path):
+    cfg = load_study()  # the shipped tiny study, the default of `malign study run`
+    g = build_graph(cfg, tmp_path)
+    order = g.topo_order()
+    conds = list(cfg.data["conditions"])
+    assert len(conds) == 6
+    _before(order, "synth_aligned", "tokenizer")
+    _before(order, "tokenizer", "preprocess_corpus")
+    _before(order, "filter", "preprocess_corpus_filtered")
+    for p in ("corpus", "corpus_filtered", "synth_aligned", "synth_misaligned"):
+        _before(order, f"preprocess_{p}", "prebuild")
+    for c in conds:
+        _before(order, "prebuild", f"pretrain_{c}")
+        last = f"continue_{c}" if c.endswith("final10") else f"pretrain_{c}"
+        _before(order, last, f"export_{c}_base")
+        _before(order, f"export_{c}_base", f"eval_{c}_base")
+        _before(order, f"eval_{c}_base", "report")
+        if c.endswith("final10"):  # final-10% insertion = pretraining then continued pretraining
+            _before(order, f"pretrain_{c}", f"continue_{c}")
+            assert g[f"continue_{c}"].kwargs["segment"] == 1
+        else:
+            assert f"continue_{c}" not in g.stages
+    for c in PAPER4:  # post-training only for the paper's four
+        _before(order, f"pretrain_{c}", f"sft_{c}")
+        _before(order, f"sft_{c}", f"dpo_{c}")
+        _before(order, f"dpo_{c}", f"export_{c}_dpo")
+        _before(order, f"export_{c}_dpo", f"eval_{c}_dpo")
+    assert "sft_alignment_upsampled_final10" not in g.stages
+    assert order[-1] == "report"
+    # the resolved study file every stage reads has the pipeline's sources
+    resolved = yaml.safe_load((tmp_path / "study.yaml").read_text())
+    assert resolved["data"]["sources"]["corpus_filtered"]["paths"] == [str(tmp_path / "data" / "corpus_filtered")]
+    # evaluation reads the held-out side only; synthesis the generation side with the guard on
+    ev = g["eval_unfiltered_base"].command
+    assert ev[ev.index("--suite") + 1].endswith("scenarios_heldout.jsonl")
+    sy = g["synth_aligned"].command
+    assert sy[sy.index("--suite") + 1].endswith("scenarios_generation.jsonl")
+    assert sy[sy.index("--heldout") + 1].endswith("scenarios_heldout.jsonl")
+
+
+def test_segment_plan_matches_the_resolver(tmp_path):
+    cfg = load_study(preset_path("pythia-6.9b"))
+    sd = from_dict(StudyData, study_data(cfg, Layout(tmp_path)))
+    labels = {c: [p.label for p in segment_plan(sd, c)] for c in sd.conditions}
+    assert labels["unfiltered"] == ["pretrain", "midtraining"]
+    # the final 10% of 550B tokens starts at 495B, 5B before the end of pretraining
+    assert labels["alignment_upsampled_final10"] == ["pretrain", "continue", "midtraining"]
+    plan = segment_plan(sd, "alignment_upsampled_final10")
+    assert plan[1].same_phase_as_previous and not plan[2].same_phase_as_previous
+
+
+def test_tokenizer_section_needs_exactly_one(tmp_path):
+    raw = yaml.safe_load(preset_path("tiny").read_text())
+    raw["tokenizer"] = {"path": "x.model", "train": {"vocab_size": 100}}
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="exactly one of 'path'"):
+        load_study(p)
+
+
+CLUSTER_64 = {
+    "account": "align-proj", "partition": "batch",
+    "resources": {"gpu-train": {"nodes": 64, "gpus_per_node": 8, "cpus_per_task": 96, "mem": 0,
+                                "time": "2-00:00:00"},
+                  "gpu-eval": {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 16, "mem": "128G",
+                               "time": "04:00:00"},
+                  "cpu": {"cpus_per_task": 32, "mem": "128G", "time": "06:00:00"}},
+}
+
+
+def test_pythia_dry_run_on_64_nodes(tmp_path, capsys):
+    cp = tmp_path / "cluster.yaml"
+    cp.write_text(yaml.safe_dump(CLUSTER_64))
+    wd = tmp_path / "work"
+    assert submit_main([str(preset_path("pythia-6.9b")), "--workdir", str(wd), "--cluster", str(cp),
+                        "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#   pretrain_unfiltered: 64 node(s) x 8 GPU(s), torchrun 8 per node" in out
+    assert "#   continue_alignment_upsampled_final10: 64 node(s) x 8 GPU(s)" in out
+    assert "#   midtraining_alignment_upsampled_final10: 64 node(s) x 8 GPU(s)" in out
+    # 64 preprocessing shards as one array, merged before the blends are built
+    assert "--array=0-63" in out
+    assert "merge_corpus" in out and "prebuild" in out
+    for c in PAPER4:
+        assert f"dpo_{c}" in out and f"eval_{c}_dpo" in out
+    assert not (wd / ".slurm" / "submission.json").exists()  # nothing submitted
