@@ -230,8 +230,6 @@ def main(argv: list[str] | None = None, prog: str = "malign data merge") -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:  # what `malign` does for every command
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from megatron_align.cli import run_module
+
+    run_module(main)

@@ -796,8 +796,6 @@ def main(argv: list[str] | None = None, prog: str = "malign data preprocess") ->
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:  # what `malign` does for every command
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from megatron_align.cli import run_module
+
+    run_module(main)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import random
 import time
 from pathlib import Path
@@ -118,8 +117,6 @@ def main(argv: list[str] | None = None, prog: str = "malign data train-tokenizer
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:  # what `malign` does for every command
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from megatron_align.cli import run_module
+
+    run_module(main)

@@ -52,6 +52,18 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
 
 
+def run_module(fn) -> None:
+    """``python -m MODULE`` entry of a command module: the same error handling as ``malign``."""
+    from megatron_align.config import ConfigError
+
+    _quiet_known_warnings()
+    try:
+        sys.exit(int(fn() or 0))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_known_warnings()

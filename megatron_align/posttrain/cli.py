@@ -126,14 +126,23 @@ def _print_config(cfg) -> int:
     return 0
 
 
+def _parse(prog: str, argv, cls):
+    """Parse the command line and load the config; None when --print-config already printed it."""
+    ap = build_parser(prog, __doc__ + f"\n\nExit code {EXIT_REQUEUE}: saved on SIGTERM/SIGUSR1, requeue me.")
+    args = ap.parse_args(argv)
+    cfg = _load(cls, args)
+    if args.print_config:
+        _print_config(cfg)
+        return None
+    return cfg
+
+
 def sft_main(argv: list[str] | None = None, prog: str = "malign sft") -> int:
     from megatron_align.posttrain.config import SFTConfig
 
-    ap = build_parser(prog, __doc__ + f"\n\nExit code {EXIT_REQUEUE}: saved on SIGTERM/SIGUSR1, requeue me.")
-    args = ap.parse_args(argv)
-    cfg = _load(SFTConfig, args)
-    if args.print_config:
-        return _print_config(cfg)
+    cfg = _parse(prog, argv, SFTConfig)
+    if cfg is None:
+        return 0
     from megatron_align.posttrain.tasks import SFTTask
     from megatron_align.training.trainer import train
 
@@ -149,11 +158,9 @@ def sft_main(argv: list[str] | None = None, prog: str = "malign sft") -> int:
 def dpo_main(argv: list[str] | None = None, prog: str = "malign dpo") -> int:
     from megatron_align.posttrain.config import DPOConfig
 
-    ap = build_parser(prog, __doc__ + f"\n\nExit code {EXIT_REQUEUE}: saved on SIGTERM/SIGUSR1, requeue me.")
-    args = ap.parse_args(argv)
-    cfg = _load(DPOConfig, args)
-    if args.print_config:
-        return _print_config(cfg)
+    cfg = _parse(prog, argv, DPOConfig)
+    if cfg is None:
+        return 0
     from megatron_align.posttrain.tasks import DPOTask, compute_reference
     from megatron_align.training.trainer import train
 
