@@ -3,6 +3,7 @@
     python benchmarks/filter.py                       # builds a ~100 MB web-like corpus, workers 1 and 2
     python benchmarks/filter.py --input corpus.jsonl  # or measure a real corpus
     python benchmarks/filter.py --mb 400 --workers 1 2 4 8 --json out.json
+    python benchmarks/filter.py --shards 16 --compress zst   # as corpora ship: many compressed shards
 
 The built corpus is English prose from the docstrings of the Python standard library on the machine
 (real text, available everywhere, no download), cut into documents of 0.5-8 KB like web pages,
@@ -82,6 +83,27 @@ def build_corpus(path: Path, mb: float, seed: int = 0) -> dict:
     return {"documents": n, "bytes": size, "planted": planted, "paragraph_pool": len(paras)}
 
 
+def shard_corpus(src: Path, out_dir: Path, shards: int, compress: str | None) -> list[Path]:
+    """Cut ``src`` into ``shards`` files of whole lines, compressed like a downloaded corpus."""
+    lines = src.read_bytes().splitlines(keepends=True)
+    paths = []
+    for k in range(shards):
+        part = b"".join(lines[k * len(lines) // shards:(k + 1) * len(lines) // shards])
+        p = out_dir / f"shard-{k:05d}.jsonl{'.' + compress if compress else ''}"
+        if compress == "gz":
+            import gzip
+
+            p.write_bytes(gzip.compress(part, compresslevel=6, mtime=0))
+        elif compress == "zst":
+            import zstandard
+
+            p.write_bytes(zstandard.ZstdCompressor(level=3).compress(part))
+        else:
+            p.write_bytes(part)
+        paths.append(p)
+    return paths
+
+
 def _cpu() -> float:
     s = resource.getrusage(resource.RUSAGE_SELF)
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -94,6 +116,8 @@ def main() -> int:
     ap.add_argument("--mb", type=float, default=100.0, help="size of the built corpus")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per worker count")
+    ap.add_argument("--shards", type=int, default=0, help="cut the corpus into N files (0: one file)")
+    ap.add_argument("--compress", choices=["gz", "zst"], help="compress the shards (needs --shards)")
     ap.add_argument("--json", help="write results here (default: benchmarks/results/filter.json)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="filter-bench-"))
@@ -107,12 +131,22 @@ def main() -> int:
         corpus["source"] = "Python stdlib docstrings + planted AI-discourse sentences"
         print(f"built {corpus['documents']:,} documents, {corpus['bytes'] / 1e6:.1f} MB in "
               f"{time.perf_counter() - t:.1f} s", flush=True)
+    inputs = [str(src)]
+    if args.shards:
+        shard_dir = tmp / "shards"
+        shard_dir.mkdir()
+        inputs = [str(p) for p in shard_corpus(src, shard_dir, args.shards, args.compress)]
+        corpus["shards"] = args.shards
+        corpus["compression"] = args.compress
+        corpus["bytes_on_disk"] = sum(Path(p).stat().st_size for p in inputs)
+    elif args.compress:
+        ap.error("--compress needs --shards")
     results = []
     for w in args.workers:
         best = None
         for _ in range(args.repeats):
             c0, t0 = _cpu(), time.perf_counter()
-            rep = filter_corpus([str(src)], tmp / f"out-{w}", workers=w, progress=False)
+            rep = filter_corpus(inputs, tmp / f"out-{w}", workers=w, progress=False)
             wall, cpu = time.perf_counter() - t0, _cpu() - c0
             mb = corpus["bytes"] / 1e6
             r = {"workers": w, "seconds": round(wall, 3), "mb_per_s": round(mb / wall, 2),

@@ -6,8 +6,12 @@ documents -> ``retained`` and ``removed`` corpora in the input's format (removed
 the terms that fired under ``--hits-key``) -> optional budget-preserving resampling of the
 retained set -> ``filter_report.json`` + ``filter_report.md``.
 
-JSONL is processed in blocks of whole lines by a pool of worker processes; retained JSONL lines are
-written back byte for byte.
+The input is cut into segments (plain JSONL byte ranges, whole compressed files, Parquet row
+groups; see :mod:`data_tools.segments`). Each worker reads its own segments and writes their
+retained / removed parts itself; the parent splices the parts together in input order, so the
+output is the same for any number of workers and the parent's work per byte is a copy. Retained
+JSONL lines are written back byte for byte. A compressed file is one segment: a corpus in many
+shards (as they ship) spreads over the workers, one big .jsonl.gz does not.
 """
 
 from __future__ import annotations
@@ -16,19 +20,23 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import pickle
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from data_tools.filter_terms import DEFAULT_BLOCKLIST_DIR, Matcher, load_blocklist  # noqa: F401
-from data_tools.readers import (InputError, expand_inputs, input_format, iter_chunks, iter_parquet_batches,
+from data_tools.readers import (Chunk, InputError, expand_inputs, input_format, iter_chunks, iter_parquet_batches,
                                 parse_lines, parse_parquet_batch)
-from data_tools.writers import CorpusWriter, with_format_suffix
+from data_tools.segments import Segment, fix_line, iter_jsonl_blocks, iter_parquet_segment, plan_segments
+from data_tools.writers import PARQUET_BATCH_ROWS, CorpusWriter, with_format_suffix
 from megatron_align.config import ConfigError, atomic_write_text, from_dict, to_dict
 
 CHUNK_BYTES = 4 << 20
@@ -51,6 +59,7 @@ class FilterConfig:
     classifier_max_length: int = 512
     format: str | None = None  # output format; None = the first input's
     hits_key: str = "blocklist_hits"
+    segment_mb: float | None = None  # plain JSONL is cut into byte ranges of this size; None = by corpus size
     progress: bool = True
 
     def validate(self) -> None:
@@ -60,6 +69,8 @@ class FilterConfig:
             raise ConfigError(f"resample: {self.resample!r} is not one of docs, tokens (or leave it unset)")
         if self.window is not None and self.window < 0:
             raise ConfigError(f"window: must be >= 0 words, got {self.window}")
+        if self.segment_mb is not None and self.segment_mb <= 0:
+            raise ConfigError(f"segment_mb: must be > 0, got {self.segment_mb}")
         if self.workers < 1:
             raise ConfigError(f"workers: must be >= 1, got {self.workers}")
         if self.format not in (None, "jsonl", "jsonl.gz", "jsonl.zst", "parquet"):
@@ -69,12 +80,50 @@ class FilterConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Worker side
+# Tallies (what the report counts), kept per segment by the workers and summed by the parent
+
+
+@dataclass
+class _Tally:
+    counts: Counter = field(default_factory=Counter)
+    rules: Counter = field(default_factory=Counter)
+    cat_docs: Counter = field(default_factory=Counter)
+    cat_tokens: Counter = field(default_factory=Counter)
+    term_docs: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    in_bytes: int = 0
+
+    def seen(self, ntok: int) -> None:
+        self.counts["input_docs"] += 1
+        self.counts["input_tokens"] += ntok
+
+    def keep(self, ntok: int) -> None:
+        self.counts["retained_docs"] += 1
+        self.counts["retained_tokens"] += ntok
+
+    def remove(self, decision: dict, ntok: int) -> None:
+        self.counts["removed_docs"] += 1
+        self.counts["removed_tokens"] += ntok
+        self.rules[decision["rule"]] += 1
+        for c in decision["categories"]:
+            self.cat_docs[c] += 1
+            self.cat_tokens[c] += ntok
+        self.term_docs.update(decision["terms"])
+
+    def add(self, other: "_Tally") -> None:
+        for name in ("counts", "rules", "cat_docs", "cat_tokens", "term_docs", "skipped"):
+            getattr(self, name).update(getattr(other, name))
+        self.in_bytes += other.in_bytes
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side: one segment in, its retained / removed / flagged parts out
 
 _W: dict[str, Any] = {}
 
 
-def _init_worker(blocklist: Any, window: int | None, tokenizer: Any, text_key: str, on_error: str) -> None:
+def _init_worker(blocklist: Any, window: int | None, tokenizer: Any, text_key: str, on_error: str, fmt: str,
+                 hits_key: str, escalate: bool) -> None:
     _W["matcher"] = Matcher(blocklist, window=window)
     if tokenizer is not None:
         from data_tools.tokenizers import load_tokenizer
@@ -82,8 +131,7 @@ def _init_worker(blocklist: Any, window: int | None, tokenizer: Any, text_key: s
         _W["tok"] = load_tokenizer(tokenizer)
     else:
         _W["tok"] = None
-    _W["text_key"] = text_key
-    _W["on_error"] = on_error
+    _W.update(text_key=text_key, on_error=on_error, fmt=fmt, hits_key=hits_key, escalate=escalate)
 
 
 # Words = runs of non-whitespace bytes (ASCII whitespace, as bytes.split()), counted as the
@@ -100,52 +148,107 @@ def count_words(text: str, encoded: bytes | None = None) -> int:
     return int(np.count_nonzero(a[1:] < a[:-1])) + int(a[0] == 0)
 
 
-def _judge(items: Iterator[tuple[int, str]]) -> list[tuple[int, dict | None, int]]:
-    m: Matcher = _W["matcher"]
+def _judge(text: str) -> tuple[dict | None, int]:
+    enc = text.encode("utf-8", "replace")  # shared by the prefilter and the word count
     tok = _W["tok"]
-    out = []
-    for line, text in items:
-        enc = text.encode("utf-8", "replace")  # shared by the prefilter and the word count
-        out.append((line, m.decide(text, enc), count_words(text, enc) if tok is None else len(tok.encode(text))))
-    return out
+    return _W["matcher"].decide(text, enc), (count_words(text, enc) if tok is None else len(tok.encode(text)))
 
 
-def _work_jsonl(task: tuple[str, int, bytes, int, bool]) -> tuple[list, dict, int, Any]:
-    """A block of lines -> [(line, decision, n_tokens)], reader stats, block bytes, and (if asked)
-    the retained lines joined into one blob plus the removed lines by line number, so the parent
-    only writes (per-line work stays in the workers, which is what lets workers scale)."""
-    path, first_line, data, offset, split_here = task
-    from data_tools.readers import Chunk
+class _SegmentOut:
+    """A segment's outputs: retained and removed parts in the output format, plus (with a
+    classifier) the flagged documents as pickles for the parent to re-score."""
 
+    def __init__(self, parts_dir: Path, idx: int):
+        fmt = _W["fmt"]
+        self.retained = CorpusWriter(with_format_suffix(parts_dir / f"retained.{idx:07d}", fmt), fmt, fsync=False)
+        self.removed = CorpusWriter(with_format_suffix(parts_dir / f"removed.{idx:07d}", fmt), fmt, fsync=False)
+        self.flagged_path = parts_dir / f"flagged.{idx:07d}.pkl" if _W["escalate"] else None
+        self.flagged = open(self.flagged_path, "wb") if self.flagged_path else None
+        self.n_flagged = 0
+        self.tally = _Tally()
+        self.retained_tokens: list[int] = []
+
+    def decided(self, raw: bytes | None, obj: dict, text: str, decision: dict | None, ntok: int,
+                kept: list) -> None:
+        self.tally.seen(ntok)
+        if decision is None:
+            self.tally.keep(ntok)
+            self.retained_tokens.append(ntok)
+            if raw is not None:
+                kept.append(raw)  # JSONL lines pass through byte for byte
+            else:
+                self.retained.write(obj)
+        elif self.flagged is not None:
+            pickle.dump((raw, None if raw is not None else obj, text, decision, ntok), self.flagged,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+            self.n_flagged += 1
+        else:
+            self.tally.remove(decision, ntok)
+            obj[_W["hits_key"]] = decision
+            self.removed.write(obj)
+
+    def finish(self) -> dict:
+        self.retained.close()
+        self.removed.close()
+        if self.flagged is not None:
+            self.flagged.close()
+        return {"retained": (str(self.retained.path), self.retained.n_docs, self.retained.n_bytes),
+                "removed": (str(self.removed.path), self.removed.n_docs, self.removed.n_bytes),
+                "flagged": (str(self.flagged_path), self.n_flagged) if self.flagged_path else None,
+                "tally": self.tally, "retained_tokens": np.asarray(self.retained_tokens, dtype=np.int64)}
+
+    def abort(self) -> None:
+        self.retained.abort()
+        self.removed.abort()
+        if self.flagged is not None:
+            self.flagged.close()
+            self.flagged_path.unlink(missing_ok=True)
+
+
+def _filter_segment(task: tuple[Segment, int, Path]) -> dict:
+    """Filter one segment into its part files; returns their names and the segment's tally.
+
+    Workers read their own byte ranges and write their own parts, so the parent only splices
+    parts together: nothing per document crosses a process boundary.
+    """
+    seg, idx, parts_dir = task
+    out = _SegmentOut(parts_dir, idx)
     stats: dict = {}
-    recs = parse_lines(Chunk(path, first_line, data, offset), text_key=_W["text_key"], on_error=_W["on_error"],
-                       stats=stats)
-    results = _judge((r.line, r.text) for r in recs)
-    extra = None
-    if split_here:
-        lines = data.split(b"\n")
-        kept = [lines[ln - first_line] for ln, d, _n in results if d is None]
-        removed = {ln: lines[ln - first_line] for ln, d, _n in results if d is not None}
-        extra = (b"\n".join(kept) + b"\n" if kept else b"", len(kept), removed)
-    return results, stats, len(data), extra
-
-
-def _work_texts(task: tuple[list[tuple[int, str]], int]) -> tuple[list, dict, int]:
-    items, nbytes = task
-    return _judge(items), {}, nbytes
+    text_key, on_error = _W["text_key"], _W["on_error"]
+    try:
+        if seg.fmt == "parquet":
+            for first_row, batch in iter_parquet_segment(seg, PARQUET_BATCH_ROWS):
+                for r in parse_parquet_batch(seg.path, first_row, batch, text_key=text_key, on_error=on_error,
+                                             stats=stats):
+                    out.tally.in_bytes += r.raw_bytes
+                    decision, ntok = _judge(r.text)
+                    out.decided(None, r.obj, r.text, decision, ntok, [])
+        else:
+            for first_line, data in iter_jsonl_blocks(seg, CHUNK_BYTES):
+                out.tally.in_bytes += len(data)
+                lines = data.split(b"\n")
+                kept: list[bytes] = []
+                for r in parse_lines(Chunk(seg.path, first_line, data, 0), text_key=text_key, on_error=on_error,
+                                     stats=stats):
+                    decision, ntok = _judge(r.text)
+                    out.decided(lines[r.line - first_line], r.obj, r.text, decision, ntok, kept)
+                out.retained.write_raw_lines(kept)
+    except InputError as e:
+        out.abort()
+        raise InputError(fix_line(str(e), seg.path, seg)) from None
+    except BaseException:
+        out.abort()
+        raise
+    out.tally.skipped.update(stats.get("skipped", {}))
+    return out.finish()
 
 
 # --------------------------------------------------------------------------------------------
 # Driver
 
 
-def _merge_skips(total: dict, stats: dict) -> None:
-    for k, v in stats.get("skipped", {}).items():
-        total[k] = total.get(k, 0) + v
-
-
 class _Pool:
-    """imap over worker processes, or in-process when workers == 1 (simpler to debug and profile)."""
+    """Ordered map over worker processes, or in-process when workers == 1 (simpler to debug and profile)."""
 
     def __init__(self, workers: int, initargs: tuple):
         self.workers = workers
@@ -157,8 +260,8 @@ class _Pool:
             _init_worker(*initargs)
 
     def imap(self, fn, tasks):
-        """Ordered results; at most 2 tasks per worker in flight, so memory stays bounded
-        (Pool.imap would drain the whole input into its queue)."""
+        """Ordered results; at most 2 tasks per worker ahead of the parent, so the scratch parts
+        waiting to be spliced stay a few segments' worth whatever the input size."""
         if self.pool is None:
             yield from map(fn, tasks)
             return
@@ -192,6 +295,15 @@ def _resolve_format(paths: list[Path], fmt: str | None) -> str:
     return fmts.pop()
 
 
+def _segment_bytes(paths: list[Path], segment_mb: float | None) -> int:
+    """Plain JSONL is cut into byte ranges of this size. Independent of the worker count, so the
+    output does not depend on it; a few hundred segments per corpus keep workers balanced."""
+    if segment_mb is not None:
+        return max(1, int(segment_mb * (1 << 20)))
+    total = sum(p.stat().st_size for p in paths if input_format(p) == "jsonl")
+    return int(min(256 << 20, max(4 << 20, total // 256)))
+
+
 def filter_corpus(inputs: list[str] | str, out_dir: str | os.PathLike, cfg: FilterConfig | dict | None = None,
                   **overrides: Any) -> dict:
     """Filter ``inputs`` into ``out_dir``; returns the report (also written as JSON and Markdown).
@@ -221,163 +333,67 @@ def filter_corpus(inputs: list[str] | str, out_dir: str | os.PathLike, cfg: Filt
         from data_tools.tokenizers import load_tokenizer
 
         tok_spec = load_tokenizer(cfg.tokenizer).spec()
+    segs = plan_segments(paths, _segment_bytes(paths, cfg.segment_mb))
 
     retained_path = with_format_suffix(out_dir / "retained", fmt)
     removed_path = with_format_suffix(out_dir / "removed", fmt)
     first_pass_path = with_format_suffix(out_dir / ".retained_before_resample", fmt) if cfg.resample else retained_path
+    # Scratch parts of a run killed outright (SIGKILL) are left behind; one run per out_dir, so clear them.
+    for stale in out_dir.glob(".filter-parts-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    parts_dir = Path(tempfile.mkdtemp(prefix=".filter-parts-", dir=out_dir))
 
     t0 = time.perf_counter()
-    counts = Counter()
-    skipped: dict[str, int] = {}
-    rules = Counter()
-    cat_docs = Counter()
-    cat_tokens = Counter()
-    term_docs = Counter()
-    term_cats: dict[str, list[str]] = {}
-    retained_tokens: list[int] = []  # per retained document, for token-budget resampling
+    tally = _Tally()
+    retained_tokens: list[np.ndarray] = []  # per retained document in output order, for token-budget resampling
     clf_stats = Counter()
-    in_bytes = 0
-
-    pending_clf: list[tuple[Any, dict, int, str]] = []  # (writer payload, decision, ntok, text)
-
-    def finish_removed(decision: dict, ntok: int) -> None:
-        counts["removed_docs"] += 1
-        counts["removed_tokens"] += ntok
-        rules[decision["rule"]] += 1
-        for c in decision["categories"]:
-            cat_docs[c] += 1
-            cat_tokens[c] += ntok
-        for t in decision["terms"]:
-            term_docs[t] += 1
-            term_cats.setdefault(t, blocklist.term_categories.get(t, []))
-
-    initargs = (blocklist, cfg.window, tok_spec, cfg.text_key, cfg.on_error)
-    pool = _Pool(cfg.workers, initargs)
-    total_size = sum(p.stat().st_size for p in paths)
+    pool = _Pool(cfg.workers, (blocklist, cfg.window, tok_spec, cfg.text_key, cfg.on_error, fmt, cfg.hits_key,
+                               classifier is not None))
     bar = None
     if cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_size, unit="B", unit_scale=True, desc="filter", file=sys.stderr,
+        bar = tqdm(total=sum(s.weight for s in segs), unit="B", unit_scale=True, desc="filter", file=sys.stderr,
                    dynamic_ncols=True)
     retained_w = CorpusWriter(first_pass_path, fmt)
     removed_w = CorpusWriter(removed_path, fmt)
-    try:
-        kept_lines: list[bytes] = []  # retained JSONL lines of the current block, written in one go
 
-        def write_kept(payload: Any, ntok: int) -> None:
-            if isinstance(payload, bytes):
-                kept_lines.append(payload)
-            else:
-                retained_w.write(payload)
-            counts["retained_docs"] += 1
-            counts["retained_tokens"] += ntok
-            retained_tokens.append(ntok)
-
-        def write_removed(payload: Any, decision: dict, ntok: int) -> None:
-            obj = json.loads(payload) if isinstance(payload, bytes) else dict(payload)
-            obj[cfg.hits_key] = decision
-            removed_w.write(obj)
-            finish_removed(decision, ntok)
-
-        def flush_classifier() -> None:
-            if not pending_clf:
-                return
-            scores = classifier.scores([p[3] for p in pending_clf])
-            for (payload, decision, ntok, _text), s in zip(pending_clf, scores):
-                clf_stats["scored"] += 1
-                if s >= classifier.threshold:
-                    clf_stats["removed"] += 1
-                    write_removed(payload, {**decision, "classifier_score": float(s)}, ntok)
-                else:
-                    clf_stats["kept"] += 1
-                    write_kept(payload, ntok)
-            pending_clf.clear()
-            retained_w.write_raw_lines(kept_lines)
-            kept_lines.clear()
-
-        def handle(payload: Any, decision: dict | None, ntok: int, text_of) -> None:
-            counts["input_docs"] += 1
-            counts["input_tokens"] += ntok
-            if decision is None:
-                write_kept(payload, ntok)
-            elif classifier is not None:
-                pending_clf.append((payload, decision, ntok, text_of()))
-                if len(pending_clf) >= 256:
-                    flush_classifier()
-            else:
-                write_removed(payload, decision, ntok)
-
-        for path in paths:
-            path_s = str(path)
-            size = path.stat().st_size
-            done_bytes = 0
-            if input_format(path) == "parquet":
-                rows_by_line: dict[int, tuple[dict, str]] = {}
-
-                def parquet_tasks():
-                    for first_row, batch in iter_parquet_batches(path_s):
-                        recs = list(parse_parquet_batch(path_s, first_row, batch, text_key=cfg.text_key,
-                                                        on_error=cfg.on_error, stats=pq_stats))
-                        for r in recs:
-                            rows_by_line[r.line] = (r.obj, r.text)
-                        yield [(r.line, r.text) for r in recs], sum(r.raw_bytes for r in recs)
-
-                pq_stats: dict = {}
-                for results, _st, nbytes in pool.imap(_work_texts, parquet_tasks()):
-                    in_bytes += nbytes
-                    for line, decision, ntok in results:
-                        obj, text = rows_by_line.pop(line)
-                        handle(obj, decision, ntok, lambda t=text: t)
-                _merge_skips(skipped, pq_stats)
-            else:
-                chunks: dict[int, Any] = {}
-                # Without a classifier every decision is final in the worker, which then also
-                # assembles the retained lines; with one, the parent needs every line.
-                split_in_worker = classifier is None and fmt != "parquet"
-
-                def jsonl_tasks():
-                    for ch in iter_chunks(path_s, CHUNK_BYTES):
-                        chunks[ch.first_line] = ch if not split_in_worker else (ch.offset, len(ch.data))
-                        yield (ch.path, ch.first_line, ch.data, ch.offset, split_in_worker)
-
-                for results, st, nbytes, extra in pool.imap(_work_jsonl, jsonl_tasks()):
-                    _merge_skips(skipped, st)
-                    in_bytes += nbytes
-                    ch = chunks.pop(min(chunks))  # results come back in task order
-                    if extra is not None:
-                        blob, n_kept, removed_raw = extra
-                        retained_w.write_blob(blob, n_kept)
-                        for line, decision, ntok in results:
-                            counts["input_docs"] += 1
-                            counts["input_tokens"] += ntok
-                            if decision is None:
-                                counts["retained_docs"] += 1
-                                counts["retained_tokens"] += ntok
-                                retained_tokens.append(ntok)
-                            else:
-                                write_removed(removed_raw[line], decision, ntok)
-                        end = ch[0] + ch[1]
+    def rescore(flagged: str, n: int) -> None:
+        """Re-score a segment's flagged documents; kept ones follow the segment's retained part."""
+        kept_tokens = []
+        with open(flagged, "rb") as f:
+            for start in range(0, n, 256):
+                batch = [pickle.load(f) for _ in range(min(256, n - start))]
+                scores = classifier.scores([b[2] for b in batch])
+                for (raw, obj, _text, decision, ntok), score in zip(batch, scores):
+                    clf_stats["scored"] += 1
+                    if score >= classifier.threshold:
+                        clf_stats["removed"] += 1
+                        decision = {**decision, "classifier_score": float(score)}
+                        tally.remove(decision, ntok)
+                        obj = json.loads(raw) if raw is not None else obj
+                        obj[cfg.hits_key] = decision
+                        removed_w.write(obj)
                     else:
-                        lines = ch.data.split(b"\n")
-                        for line, decision, ntok in results:
-                            raw = lines[line - ch.first_line]
-                            handle(raw, decision, ntok, lambda r=raw: json.loads(r)[cfg.text_key])
-                        retained_w.write_raw_lines(kept_lines)
-                        kept_lines.clear()
-                        end = ch.offset + len(ch.data)
-                    if bar is not None:
-                        # Byte progress is exact for plain JSONL; compressed files advance per file.
-                        if input_format(path) == "jsonl":
-                            done = min(size, end)
-                            bar.update(max(0, done - done_bytes))
-                            done_bytes = done
-                        bar.set_postfix(docs=counts["input_docs"], removed=counts["removed_docs"], refresh=False)
-            if bar is not None and done_bytes < size:
-                bar.update(size - done_bytes)
-                bar.set_postfix(docs=counts["input_docs"], removed=counts["removed_docs"], refresh=False)
-            if classifier is not None:
-                flush_classifier()
+                        clf_stats["kept"] += 1
+                        tally.keep(ntok)
+                        kept_tokens.append(ntok)
+                        retained_w.write_raw(raw) if raw is not None else retained_w.write(obj)
+        os.unlink(flagged)
+        retained_tokens.append(np.asarray(kept_tokens, dtype=np.int64))
+
+    try:
+        tasks = ((seg, i, parts_dir) for i, seg in enumerate(segs))
+        for seg, res in zip(segs, pool.imap(_filter_segment, tasks)):
+            retained_w.append_part(*res["retained"])
+            removed_w.append_part(*res["removed"])
+            tally.add(res["tally"])
+            retained_tokens.append(res["retained_tokens"])
+            if res["flagged"] is not None:
+                rescore(*res["flagged"])
+            if bar is not None:
+                bar.update(seg.weight)
+                bar.set_postfix(docs=tally.counts["input_docs"], removed=tally.counts["removed_docs"], refresh=False)
         pool.close()
         retained_w.close()
         removed_w.close()
@@ -389,17 +405,18 @@ def filter_corpus(inputs: list[str] | str, out_dir: str | os.PathLike, cfg: Filt
     finally:
         if bar is not None:
             bar.close()
+        shutil.rmtree(parts_dir, ignore_errors=True)
     seconds = time.perf_counter() - t0
 
+    counts = tally.counts
     resample_info = None
     if cfg.resample:
-        resample_info = _resample(first_pass_path, retained_path, fmt, np.asarray(retained_tokens, dtype=np.int64),
+        resample_info = _resample(first_pass_path, retained_path, fmt, np.concatenate(retained_tokens or [np.zeros(0, np.int64)]),
                                   mode=cfg.resample, target_docs=counts["input_docs"],
                                   target_tokens=counts["input_tokens"], seed=cfg.seed)
 
-    report = _build_report(cfg, blocklist, paths, fmt, counts, skipped, rules, cat_docs, cat_tokens, term_docs,
-                           term_cats, clf_stats, classifier, resample_info, in_bytes, seconds,
-                           {"retained": str(retained_path), "removed": str(removed_path)})
+    report = _build_report(cfg, blocklist, paths, fmt, tally, clf_stats, classifier, resample_info, seconds,
+                           {"retained": str(retained_path), "removed": str(removed_path)}, len(segs))
     atomic_write_text(out_dir / "filter_report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_dir / "filter_report.md", render_markdown(report))
     return report
@@ -461,8 +478,11 @@ def _share(a: int, b: int) -> float:
     return round(a / b, 6) if b else 0.0
 
 
-def _build_report(cfg, blocklist, paths, fmt, counts, skipped, rules, cat_docs, cat_tokens, term_docs, term_cats,
-                  clf_stats, classifier, resample_info, in_bytes, seconds, outputs) -> dict:
+def _build_report(cfg, blocklist, paths, fmt, tally, clf_stats, classifier, resample_info, seconds, outputs,
+                  n_segments) -> dict:
+    counts, rules, cat_docs, cat_tokens, term_docs = tally.counts, tally.rules, tally.cat_docs, tally.cat_tokens, tally.term_docs
+    skipped = {k: v for k, v in tally.skipped.items() if v}
+    in_bytes = tally.in_bytes
     n_in, n_rm = counts["input_docs"], counts["removed_docs"]
     t_in, t_rm = counts["input_tokens"], counts["removed_tokens"]
     categories = {}
@@ -474,7 +494,8 @@ def _build_report(cfg, blocklist, paths, fmt, counts, skipped, rules, cat_docs, 
             "share_of_input": _share(cat_docs[c.name], n_in),
             "tokens": cat_tokens[c.name],
         }
-    top = [{"term": t, "documents": n, "categories": term_cats.get(t, [])} for t, n in term_docs.most_common(50)]
+    top = [{"term": t, "documents": n, "categories": blocklist.term_categories.get(t, [])}
+           for t, n in term_docs.most_common(50)]
     return {
         "tool": "malign data filter",
         "inputs": [str(p) for p in paths],
@@ -497,7 +518,8 @@ def _build_report(cfg, blocklist, paths, fmt, counts, skipped, rules, cat_docs, 
         "resample": resample_info,
         "throughput": {"seconds": round(seconds, 3), "input_bytes": in_bytes,
                        "mb_per_s": round(in_bytes / 1e6 / seconds, 3) if seconds else None,
-                       "docs_per_s": round(n_in / seconds, 1) if seconds else None, "workers": cfg.workers},
+                       "docs_per_s": round(n_in / seconds, 1) if seconds else None, "workers": cfg.workers,
+                       "segments": n_segments},
     }
 
 
@@ -561,6 +583,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--classifier-label", help="classifier label meaning AI discourse (default: the second of two)")
     p.add_argument("--format", choices=["jsonl", "jsonl.gz", "jsonl.zst", "parquet"], help="output format")
     p.add_argument("--hits-key", help="field added to removed documents (default: blocklist_hits)")
+    p.add_argument("--segment-mb", type=float, help="plain JSONL work unit in MiB (default: corpus size / 256, "
+                   "within 4-256)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     return p
@@ -573,7 +597,7 @@ def main(argv: list[str] | None = None, prog: str = "malign data filter") -> int
     cfg = load_config(FilterConfig, args.config, args.set)
     flags = {k: getattr(args, k) for k in ("blocklist", "window", "text_key", "on_error", "workers", "tokenizer",
                                            "resample", "seed", "classifier", "classifier_threshold",
-                                           "classifier_label", "format", "hits_key") if getattr(args, k) is not None}
+                                           "classifier_label", "format", "hits_key", "segment_mb") if getattr(args, k) is not None}
     if args.no_progress:
         flags["progress"] = False
     try:

@@ -33,7 +33,8 @@ import numpy as np
 from megatron_align.config import ConfigError, atomic_write_text
 from data_tools import readers
 from data_tools.indexed import IdxInfo, LengthSpool, dtype_from_name, optimal_dtype, write_idx_from_spool
-from data_tools.readers import InputError, check_text, expand_inputs, input_format, parse_line
+from data_tools.readers import InputError, check_text, expand_inputs, parse_line
+from data_tools.segments import Segment, fix_line, iter_jsonl_blocks, iter_parquet_segment, plan_segments
 from data_tools.tokenizers import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -43,52 +44,6 @@ DEFAULT_BATCH_BYTES = 4 << 20
 
 # --------------------------------------------------------------------------------------------
 # Planning
-
-
-@dataclass
-class Segment:
-    path: str
-    fmt: str
-    start: int  # byte offset (jsonl) / row group (parquet); 0 for compressed
-    end: int  # exclusive; file size / row-group count
-    weight: int  # bytes on disk, for balancing shards
-    whole_file: bool  # the segment is the whole file (line numbers known from the start)
-
-    def key(self) -> str:
-        return f"{self.path}@{self.start}-{self.end}"
-
-
-def plan_segments(files: Sequence[Path], segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> list[Segment]:
-    segs: list[Segment] = []
-    for f in files:
-        path = str(f)
-        fmt = input_format(path)
-        size = os.path.getsize(path)
-        if fmt == "jsonl":
-            if size == 0:
-                segs.append(Segment(path, fmt, 0, 0, 0, True))
-                continue
-            n = max(1, -(-size // segment_bytes))
-            bounds = [size * k // n for k in range(n + 1)]
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                segs.append(Segment(path, fmt, a, b, b - a, n == 1))
-        elif fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                md = pq.ParquetFile(path).metadata
-            except Exception as e:
-                raise InputError(f"{path}: cannot read Parquet ({type(e).__name__}: {e}); the file is corrupt or "
-                                 "truncated, re-create it") from e
-            groups = md.num_row_groups
-            for g in range(groups):
-                w = md.row_group(g).total_byte_size
-                segs.append(Segment(path, fmt, g, g + 1, w, groups == 1))
-            if groups == 0:
-                segs.append(Segment(path, fmt, 0, 0, 0, True))
-        else:
-            segs.append(Segment(path, fmt, 0, size, size, True))
-    return segs
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
@@ -152,98 +107,35 @@ class Work:
     text_missing: bool = False  # parquet: the file has no text column
 
 
-def _iter_range_lines(path: str, start: int, end: int, block: int, hasher: Any) -> Iterator[bytes]:
-    """Blocks of whole lines whose first byte lies in [start, end) of a plain file."""
-    with open(path, "rb") as f:
-        pos = start
-        if start > 0:
-            f.seek(start - 1)
-            prev = f.read(1)
-            if prev != b"\n":
-                # Skip the rest of a line that began in the previous segment.
-                pos = start
-                while True:
-                    buf = f.read(1 << 16)
-                    if not buf:
-                        return
-                    k = buf.find(b"\n")
-                    if k >= 0:
-                        pos += k + 1
-                        f.seek(pos)
-                        break
-                    pos += len(buf)
-        else:
-            f.seek(0)
-        tail = b""
-        while pos < end or tail:
-            buf = f.read(block)
-            if not buf:
-                if tail:
-                    hasher.update(tail)
-                    yield tail
-                return
-            data = tail + buf if tail else buf
-            data_start = pos - len(tail)
-            pos += len(buf)
-            if pos >= end:
-                # The last line of this segment is the one holding byte end-1.
-                k = data.find(b"\n", max(0, end - 1 - data_start))
-                if k >= 0:
-                    out = data[: k + 1]
-                    hasher.update(out)
-                    yield out
-                    return
-                tail = data
-                continue
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                tail = data
-                continue
-            out, tail = data[: cut + 1], data[cut + 1:]
-            hasher.update(out)
-            yield out
-
-
 def iter_work(seg: Segment, *, batch_bytes: int, text_key: str, meta_keys: Sequence[str], hasher: Any,
               seq0: int) -> Iterator[Work]:
     seq = seq0
     if seg.fmt == "parquet":
-        import pyarrow.parquet as pq
-
         if seg.end == seg.start:
             return
+        import pyarrow.parquet as pq
+
         try:
-            pf = pq.ParquetFile(seg.path)
-            names = pf.schema_arrow.names
-            first_row = 1 + sum(pf.metadata.row_group(g).num_rows for g in range(seg.start))
-            cols = [text_key] + [k for k in meta_keys if k in names and k != text_key] if text_key in names else None
-            rows_per = max(256, min(65536, batch_bytes // 2048))
-            for batch in pf.iter_batches(batch_size=rows_per, row_groups=[seg.start], columns=cols):
-                texts = batch.column(text_key).to_pylist() if text_key in names else [None] * batch.num_rows
-                meta = None
-                if meta_keys:
-                    present = {k: batch.column(k).to_pylist() for k in meta_keys if k in batch.schema.names}
-                    meta = [{k: v[j] for k, v in present.items()} for j in range(batch.num_rows)]
-                nb = sum(len(t) for t in texts if isinstance(t, str))
-                yield Work(seq, seg.path, first_row, True, texts=texts, meta=meta, nbytes=nb,
-                           text_missing=text_key not in names)
-                seq += 1
-                first_row += batch.num_rows
-        except InputError:
-            raise
+            names = pq.ParquetFile(seg.path).schema_arrow.names
         except (OSError, ValueError) as e:
             raise InputError(f"{seg.path}: cannot read Parquet ({type(e).__name__}: {e}); the file is corrupt or "
                              "truncated, re-create it") from e
+        cols = [text_key] + [k for k in meta_keys if k in names and k != text_key] if text_key in names else None
+        rows_per = max(256, min(65536, batch_bytes // 2048))
+        for first_row, batch in iter_parquet_segment(seg, rows_per, cols):
+            texts = batch.column(text_key).to_pylist() if text_key in names else [None] * batch.num_rows
+            meta = None
+            if meta_keys:
+                present = {k: batch.column(k).to_pylist() for k in meta_keys if k in batch.schema.names}
+                meta = [{k: v[j] for k, v in present.items()} for j in range(batch.num_rows)]
+            nb = sum(len(t) for t in texts if isinstance(t, str))
+            yield Work(seq, seg.path, first_row, True, texts=texts, meta=meta, nbytes=nb,
+                       text_missing=text_key not in names)
+            seq += 1
         return
-    line = 1
-    if seg.fmt == "jsonl" and not seg.whole_file:
-        blocks = _iter_range_lines(seg.path, seg.start, seg.end, batch_bytes, hasher)
-    else:
-        blocks = (c.data for c in readers.iter_chunks(seg.path, batch_bytes, hasher))
-    for data in blocks:
+    for line, data in iter_jsonl_blocks(seg, batch_bytes, hasher):
         yield Work(seq, seg.path, line, seg.whole_file or seg.start == 0, data=data, nbytes=len(data))
         seq += 1
-        line += data.count(b"\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,35 +246,6 @@ def encode_work(w: Work) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # Driver
-
-
-def _line_of(path: str, seg_start: int, local_line: int) -> int:
-    """Absolute line number of ``local_line`` (1-based) counted from byte ``seg_start``."""
-    n = 0
-    with open(path, "rb") as f:
-        remaining = seg_start
-        while remaining > 0:
-            b = f.read(min(remaining, 1 << 22))
-            if not b:
-                break
-            n += b.count(b"\n")
-            remaining -= len(b)
-        if seg_start > 0:
-            f.seek(seg_start - 1)
-            if f.read(1) != b"\n":
-                n += 1  # the segment's first line is the one after the partial line
-    return n + local_line
-
-
-def _fix_line(msg: str, path: str, seg: Segment) -> str:
-    prefix = f"{path}:"
-    if not msg.startswith(prefix):
-        return msg
-    rest = msg[len(prefix):]
-    num, sep, tail = rest.partition(":")
-    if not num.isdigit():
-        return msg
-    return f"{path}:{_line_of(path, seg.start, int(num))}:{tail}"
 
 
 def _fmt_rate(x: float) -> str:
@@ -624,7 +487,7 @@ def preprocess(inputs: Sequence[str] | str, output_prefix: str, tokenizer: str |
                     if "error" in res:
                         msg = res["error"]
                         if not res.get("exact_lines", True):
-                            msg = _fix_line(msg, seg.path, seg)
+                            msg = fix_line(msg, seg.path, seg)
                         raise InputError(msg)
                     bin_f.write(res["tokens"])
                     bin_hasher.update(res["tokens"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,12 @@ def with_format_suffix(stem: str | os.PathLike, fmt: str) -> Path:
 class CorpusWriter:
     """Write documents (dicts) to ``path`` in the format its name asks for."""
 
-    def __init__(self, path: str | os.PathLike, fmt: str | None = None, *, compresslevel: int = 3):
+    def __init__(self, path: str | os.PathLike, fmt: str | None = None, *, compresslevel: int = 3,
+                 fsync: bool = True):
         self.path = Path(path)
         self.fmt = fmt or output_format(self.path)
+        if self.fmt not in ("jsonl", "jsonl.gz", "jsonl.zst", "parquet"):
+            raise ValueError(f"unknown output format {self.fmt!r}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
@@ -49,24 +53,36 @@ class CorpusWriter:
         os.chmod(self.tmp, 0o666 & ~umask)
         self.n_docs = 0
         self.n_bytes = 0  # uncompressed JSONL bytes (or text bytes for Parquet)
+        self.compresslevel = compresslevel
+        self.fsync = fsync  # off for scratch parts that are appended elsewhere and deleted
         self._closed = False
         self._raw = open(self.tmp, "wb")
         self._rows: list[dict] = []
         self._pq_writer = None
-        if self.fmt == "jsonl":
-            self._out: Any = self._raw
-        elif self.fmt == "jsonl.gz":
-            # mtime=0 keeps the bytes reproducible run to run.
-            self._out = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=min(9, max(1, compresslevel * 2)),
-                                      mtime=0)
-        elif self.fmt == "jsonl.zst":
-            import zstandard
+        # gzip members / zstd frames are opened on the first write, so append_part can end one and
+        # splice in a part's own members between writes.
+        self._stream: Any = None
 
-            self._out = zstandard.ZstdCompressor(level=compresslevel).stream_writer(self._raw, closefd=False)
-        elif self.fmt == "parquet":
-            self._out = None
-        else:
-            raise ValueError(f"unknown output format {self.fmt!r}")
+    @property
+    def _out(self) -> Any:
+        if self.fmt == "jsonl":
+            return self._raw
+        if self._stream is None:
+            if self.fmt == "jsonl.gz":
+                # mtime=0 keeps the bytes reproducible run to run.
+                self._stream = gzip.GzipFile(fileobj=self._raw, mode="wb",
+                                             compresslevel=min(9, max(1, self.compresslevel * 2)), mtime=0)
+            elif self.fmt == "jsonl.zst":
+                import zstandard
+
+                self._stream = zstandard.ZstdCompressor(level=self.compresslevel).stream_writer(self._raw,
+                                                                                                closefd=False)
+        return self._stream
+
+    def _end_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
     def write(self, obj: dict) -> None:
         if self.fmt == "parquet":
@@ -130,6 +146,31 @@ class CorpusWriter:
         self._pq_writer.write_table(table)
         self._rows = []
 
+    def append_part(self, part: str | os.PathLike, n_docs: int, n_bytes: int = 0) -> None:
+        """Append a finished file of this writer's format (a worker's part), then delete it.
+
+        JSONL bytes, gzip members and zstd frames stay valid when concatenated, so those parts are
+        copied without decoding; Parquet parts are read back and rewritten.
+        """
+        part = Path(part)
+        if self.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(part)
+            for batch in pf.iter_batches():
+                self._rows.extend(batch.to_pylist())
+                if len(self._rows) >= PARQUET_BATCH_ROWS:
+                    self._flush_parquet()
+            self.n_docs += n_docs
+            self.n_bytes += n_bytes
+        else:
+            self._end_stream()
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, self._raw, 16 << 20)
+            self.n_docs += n_docs
+            self.n_bytes += n_bytes
+        part.unlink()
+
     def close(self) -> Path:
         """Finish the file and move it to its real name."""
         if self._closed:
@@ -143,10 +184,13 @@ class CorpusWriter:
                 pq.write_table(pa.table({"text": pa.array([], pa.string())}), self._raw)
             else:
                 self._pq_writer.close()
-        elif self._out is not self._raw:
-            self._out.close()
+        elif self.fmt != "jsonl":
+            if self._stream is None and self._raw.tell() == 0:
+                self._out  # noqa: B018 - an empty corpus is still one valid (empty) member / frame
+            self._end_stream()
         self._raw.flush()
-        os.fsync(self._raw.fileno())
+        if self.fsync:
+            os.fsync(self._raw.fileno())
         self._raw.close()
         os.replace(self.tmp, self.path)
         self._closed = True
@@ -163,8 +207,7 @@ class CorpusWriter:
         except Exception:
             pass
         try:
-            if self._out is not None and self._out is not self._raw:
-                self._out.close()
+            self._end_stream()
         except Exception:
             pass
         try:

@@ -256,22 +256,112 @@ def test_output_format_follows_input(tmp_path, fmt):
     assert all(r.obj["blocklist_hits"]["rule"] in ("instant", "two_stage") for r in removed)
 
 
-def test_workers_give_the_same_output_as_one_process(tmp_path):
+def _out_files(d: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name.startswith(("retained", "removed"))}
+
+
+def _same_report(a: dict, b: dict) -> None:
+    for k in ("documents", "tokens", "rules", "categories", "top_terms", "resample"):
+        assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "jsonl.zst", "parquet"])
+def test_workers_and_segments_give_the_same_output_as_one_pass(tmp_path, fmt):
+    """Workers filter their own segments and write parts the parent splices: the result must be the
+    bytes of one sequential pass, for every output format, whatever the worker count or segment size."""
     rng = random.Random(3)
     docs = [rng.choice(DOCS) + f" #{i}" for i in range(3000)]
     src = _write_jsonl(tmp_path / "in.jsonl", docs)
-    import data_tools.filter as F
+    one = filter_corpus([str(src)], tmp_path / "one", format=fmt, workers=1, segment_mb=1024, resample="tokens",
+                        progress=False)
+    assert one["throughput"]["segments"] == 1
+    many = filter_corpus([str(src)], tmp_path / "many", format=fmt, workers=2, segment_mb=0.005, resample="tokens",
+                         progress=False)
+    assert many["throughput"]["segments"] > 20  # many cuts fall mid-line
+    _same_report(one, many)
+    if fmt == "parquet":  # Parquet bytes depend on row-group sizes; compare the rows
+        for name in ("retained.parquet", "removed.parquet"):
+            import pyarrow.parquet as pq
 
-    old = F.CHUNK_BYTES
-    F.CHUNK_BYTES = 8192  # many blocks, so order across workers is exercised
-    try:
-        r1 = filter_corpus([str(src)], tmp_path / "w1", workers=1, progress=False)
-        r2 = filter_corpus([str(src)], tmp_path / "w2", workers=2, progress=False)
-    finally:
-        F.CHUNK_BYTES = old
-    for name in ("retained.jsonl", "removed.jsonl"):
-        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
-    assert r1["documents"] == r2["documents"] and r1["categories"] == r2["categories"]
+            assert pq.read_table(tmp_path / "one" / name).to_pylist() == pq.read_table(tmp_path / "many" / name).to_pylist()
+    else:
+        a, b = _out_files(tmp_path / "one"), _out_files(tmp_path / "many")
+        assert a.keys() == b.keys() == {f"retained.{fmt}", f"removed.{fmt}"}
+        dec = {"jsonl": lambda x: x, "jsonl.gz": gzip.decompress,
+               "jsonl.zst": lambda x: b"".join(_zstd_frames(x))}[fmt]
+        for name in a:
+            assert dec(a[name]) == dec(b[name])
+        kept_lines = dec(b[f"retained.{fmt}"]).splitlines()
+        assert set(kept_lines) <= set(src.read_bytes().splitlines())  # byte for byte, spliced or not
+    # Only the outputs and reports are left; the scratch parts are gone.
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == sorted(
+        [f"retained.{fmt}", f"removed.{fmt}", "filter_report.json", "filter_report.md"])
+
+
+def _zstd_frames(data: bytes):
+    import zstandard
+
+    d = zstandard.ZstdDecompressor()
+    while data:
+        obj = d.decompressobj()
+        yield obj.decompress(data)
+        data = obj.unused_data
+
+
+def test_spliced_compressed_outputs_read_with_standard_tools(tmp_path, matcher):
+    """Parts are concatenated gzip members / zstd frames: gzip, zcat and zstd read them whole."""
+    import shutil
+    import subprocess
+
+    docs = [DOCS[i % len(DOCS)] + f" #{i}" for i in range(400)]
+    src = _write_jsonl(tmp_path / "in.jsonl", docs)
+    expected = [d for d in docs if matcher.decide(d) is None]
+    for fmt, cmd in (("jsonl.gz", ["gzip", "-dc"]), ("jsonl.zst", ["zstd", "-dcq"])):
+        rep = filter_corpus([str(src)], tmp_path / fmt, format=fmt, workers=2, segment_mb=0.002, progress=False)
+        assert rep["throughput"]["segments"] > 5
+        kept = [r.text for r in iter_records(tmp_path / fmt / f"retained.{fmt}")]
+        assert kept == expected
+        if shutil.which(cmd[0]):
+            out = subprocess.run(cmd + [str(tmp_path / fmt / f"retained.{fmt}")], capture_output=True, check=True).stdout
+            assert [json.loads(x)["text"] for x in out.splitlines()] == kept
+        # Nothing retained: still a valid, empty compressed file.
+        src2 = _write_jsonl(tmp_path / "all_ai.jsonl", ["Skynet became self-aware."] * 30)
+        filter_corpus([str(src2)], tmp_path / f"{fmt}-empty", format=fmt, workers=2, segment_mb=0.0005, progress=False)
+        empty = tmp_path / f"{fmt}-empty" / f"retained.{fmt}"
+        assert empty.stat().st_size > 0 and list(iter_records(empty)) == []
+        if shutil.which(cmd[0]):
+            assert subprocess.run(cmd + [str(empty)], capture_output=True, check=True).stdout == b""
+
+
+def test_many_compressed_shards_spread_over_workers(tmp_path):
+    shards = []
+    for k in range(5):
+        p = tmp_path / f"shard{k}.jsonl.gz"
+        with gzip.open(p, "wt") as f:
+            for i in range(50):
+                f.write(json.dumps({"text": DOCS[(i + k) % len(DOCS)], "id": f"{k}-{i}"}) + "\n")
+        shards.append(p)
+    rep = filter_corpus([str(tmp_path / "shard*.jsonl.gz")], tmp_path / "o", workers=2, progress=False)
+    assert rep["throughput"]["segments"] == 5 and rep["documents"]["input"] == 250
+    ids = [r.obj["id"] for r in iter_records(tmp_path / "o" / "retained.jsonl.gz")]
+    ids += [r.obj["id"] for r in iter_records(tmp_path / "o" / "removed.jsonl.gz")]
+    assert sorted(ids) == sorted(f"{k}-{i}" for k in range(5) for i in range(50))
+    kept = [r.obj["id"] for r in iter_records(tmp_path / "o" / "retained.jsonl.gz")]
+    assert kept == sorted(kept, key=lambda x: tuple(map(int, x.split("-"))))  # input order kept
+
+
+def test_error_in_a_later_segment_names_the_file_line(tmp_path):
+    """A worker reading a byte range in the middle of a file still reports the file's line number,
+    and nothing is left half-written."""
+    lines = [json.dumps({"text": f"document number {i} about flour"}) for i in range(2000)]
+    lines[1733] = '{"text": "broken'
+    src = tmp_path / "big.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=re.escape(f"{src}:1734: malformed JSON")):
+        filter_corpus([str(src)], tmp_path / "o", workers=2, segment_mb=0.004, progress=False)
+    assert list((tmp_path / "o").iterdir()) == []
+    rep = filter_corpus([str(src)], tmp_path / "o", workers=2, segment_mb=0.004, on_error="skip", progress=False)
+    assert rep["documents"]["skipped"] == {"malformed_json": 1} and rep["documents"]["input"] == 1999
 
 
 def test_tokenizer_counts_tokens(tmp_path):
@@ -334,6 +424,18 @@ def test_classifier_stage_rescoring(tmp_path):
     assert all(r["blocklist_hits"]["classifier_score"] >= thr for r in removed)
     # Without a classifier every flagged document is removed.
     assert filter_corpus([str(src)], tmp_path / "o2", progress=False)["classifier"] is None
+    # Workers re-score nothing themselves: the parent scores each segment's flagged documents, and
+    # the output does not depend on the worker count.
+    big = _write_jsonl(tmp_path / "big.jsonl", DOCS * 40)
+    kw = dict(classifier=str(mdir), classifier_threshold=thr, segment_mb=0.001, resample="docs", progress=False)
+    r1 = filter_corpus([str(big)], tmp_path / "c1", workers=1, **kw)
+    r2 = filter_corpus([str(big)], tmp_path / "c2", workers=2, **kw)
+    assert r2["throughput"]["segments"] > 5 and r1["classifier"] == r2["classifier"]
+    assert r2["classifier"]["scored"] == 40 * len(flagged)
+    _same_report(r1, r2)
+    assert _out_files(tmp_path / "c1") == _out_files(tmp_path / "c2")
+    kept = [r.text for r in iter_records(tmp_path / "c2" / "retained.jsonl")]
+    assert len(kept) == 40 * len(DOCS)  # resampled back to the input count
 
 
 def test_cli_with_config_file_and_overrides(tmp_path, capsys):
