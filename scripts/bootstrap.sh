@@ -14,6 +14,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
   # The CPU build of torch 2.13 (on local disk on the dev machines); a cluster image brings its own CUDA torch.
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[test,fast-tokenize]"
+  # nemo-run too, so the test of that backend runs (its pins settle on openai 2.x / httpx 0.27 with the rest).
+  python -m pip install -q -e ".[test,fast-tokenize,nemo-run]"
   echo "$want" > "$stamp"
 fi
