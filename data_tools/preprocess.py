@@ -33,7 +33,7 @@ import numpy as np
 from megatron_align.config import ConfigError, atomic_write_text
 from data_tools import readers
 from data_tools.indexed import IdxInfo, LengthSpool, dtype_from_name, optimal_dtype, write_idx_from_spool
-from data_tools.readers import InputError, check_text, expand_inputs, parse_line
+from data_tools.readers import InputError, check_text, expand_inputs, parquet_error, parse_line
 from data_tools.segments import Segment, fix_line, iter_jsonl_blocks, iter_parquet_segment, plan_segments
 from data_tools.tokenizers import Tokenizer, load_tokenizer
 
@@ -118,8 +118,7 @@ def iter_work(seg: Segment, *, batch_bytes: int, text_key: str, meta_keys: Seque
         try:
             names = pq.ParquetFile(seg.path).schema_arrow.names
         except (OSError, ValueError) as e:
-            raise InputError(f"{seg.path}: cannot read Parquet ({type(e).__name__}: {e}); the file is corrupt or "
-                             "truncated, re-create it") from e
+            raise parquet_error(seg.path, e) from e
         cols = [text_key] + [k for k in meta_keys if k in names and k != text_key] if text_key in names else None
         rows_per = max(256, min(65536, batch_bytes // 2048))
         for first_row, batch in iter_parquet_segment(seg, rows_per, cols):

@@ -128,6 +128,11 @@ def _compression_error(path: str, e: BaseException) -> InputError:
                       "re-download or re-create it")
 
 
+def parquet_error(path: str, e: BaseException) -> InputError:
+    return InputError(f"{path}: cannot read Parquet ({type(e).__name__}: {e}); the file is corrupt or truncated, "
+                      "re-create it")
+
+
 class _HashingReader(io.RawIOBase):
     def __init__(self, raw: Any, hasher: Any):
         self._raw, self._hasher = raw, hasher
@@ -341,8 +346,7 @@ def iter_parquet_batches(path: str | os.PathLike, *, columns: list[str] | None =
     except InputError:
         raise
     except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
-        raise InputError(f"{path}: cannot read Parquet ({type(e).__name__}: {e}); the file is corrupt or "
-                         "truncated, re-create it") from e
+        raise parquet_error(path, e) from e
 
 
 def parse_parquet_batch(path: str, first_row: int, batch: Any, *, text_key: str = "text", on_error: str = "raise",

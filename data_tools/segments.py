@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from data_tools import readers
-from data_tools.readers import InputError, input_format
+from data_tools.readers import InputError, input_format, parquet_error
 
 
 @dataclass
@@ -55,8 +55,7 @@ def plan_segments(files: Sequence[Path], segment_bytes: int) -> list[Segment]:
             try:
                 md = pq.ParquetFile(path).metadata
             except Exception as e:
-                raise InputError(f"{path}: cannot read Parquet ({type(e).__name__}: {e}); the file is corrupt or "
-                                 "truncated, re-create it") from e
+                raise parquet_error(path, e) from e
             groups = md.num_row_groups
             for g in range(groups):
                 w = md.row_group(g).total_byte_size
@@ -182,5 +181,4 @@ def iter_parquet_segment(seg: Segment, batch_rows: int, columns: list[str] | Non
     except InputError:
         raise
     except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
-        raise InputError(f"{seg.path}: cannot read Parquet ({type(e).__name__}: {e}); the file is corrupt or "
-                         "truncated, re-create it") from e
+        raise parquet_error(seg.path, e) from e
