@@ -149,20 +149,48 @@ def _split_of(rec: Any) -> str | None:
     return None
 
 
-def load_suite_records(path: str | os.PathLike, split: str | None = None) -> list[tuple[str, dict]]:
-    """Records of an evaluation-suite file, restricted to ``split`` (a ``split``/``subset`` field) if given."""
+def load_suite_records(path: str | os.PathLike, split: str | None = None, *,
+                       exclude_split: str | None = None) -> list[tuple[str, dict]]:
+    """Records of an evaluation-suite file, restricted to ``split`` (a ``split``/``subset`` field) if
+    given; ``exclude_split`` keeps the others instead (records without a split field included: they
+    are not the chosen split, so they count as the held-out side)."""
     out = []
     splits = set()
     for where, rec in _iter_file(Path(path)):
         s = _split_of(rec)
         if s is not None:
             splits.add(s)
-        if split is None or s == split:
+        if exclude_split is not None:
+            if s != exclude_split:
+                out.append((where, rec))
+        elif split is None or s == split:
             out.append((where, rec))
     if split is not None and not out:
         have = ", ".join(sorted(splits)) if splits else "no split/subset field"
         raise ConfigError(f"{path}: no records of split {split!r} (found: {have}); use a file per split or fix --split")
     return out
+
+
+def suite_splits(path: str | os.PathLike) -> set[str]:
+    """The ``split``/``subset`` values that occur in a suite file."""
+    return {s for _, rec in _iter_file(Path(path)) if (s := _split_of(rec)) is not None}
+
+
+def require_split(suite: str | os.PathLike, split: str | None, heldout: str | os.PathLike | None) -> None:
+    """Cards from a suite need ``--split``: without it every record, held-out ones included, becomes
+    a card. The one exception is a suite file that holds a single split while ``--heldout`` names the
+    evaluation side elsewhere (the tiny study's generation file)."""
+    if split is not None:
+        return
+    found = sorted(suite_splits(suite))
+    if heldout and len(found) <= 1:
+        return
+    have = ", ".join(found) if found else "no split/subset field"
+    why = ("it holds several splits" if heldout else
+           "without --heldout the leakage guard checks the cards against the suite's other splits")
+    raise ConfigError(f"{suite}: cards from --suite need --split (the training-side split to generate from; "
+                      f"found: {have}): {why}. Pass e.g. --split {found[0] if found else 'train'}, or --cards for "
+                      "hand-written cards")
 
 
 def cards_from_suite(path: str | os.PathLike, split: str | None = None) -> list[ScenarioCard]:
@@ -208,11 +236,21 @@ class LeakageError(ConfigError):
     """Cards overlap the held-out evaluation split."""
 
 
+def guarded_set(heldout: str | os.PathLike, split: str | None = None, exclude_split: str | None = None) -> str:
+    """Which records the guard compares against, in words (errors and reports say it)."""
+    if exclude_split is not None:
+        return f"{heldout} (records whose split is not {exclude_split!r})"
+    return f"{heldout} (split {split!r})" if split else f"{heldout} (all records)"
+
+
 def check_leakage(cards: list[ScenarioCard], heldout: str | os.PathLike, split: str | None = None, *,
-                  ngram: int = 8, min_exact_words: int = 4) -> dict:
+                  exclude_split: str | None = None, ngram: int = 8, min_exact_words: int = 4) -> dict:
     """Raise :class:`LeakageError` if any card shares an id, a text, or an ``ngram``-word run with
-    a held-out question (passage, question or either choice). Returns a summary when clean."""
-    recs = load_suite_records(heldout, split)
+    a held-out question (passage, question or either choice). The held-out questions are the records
+    of ``heldout`` in ``split`` (all if None), or, with ``exclude_split``, those not in that split.
+    Returns a summary when clean."""
+    recs = load_suite_records(heldout, split, exclude_split=exclude_split)
+    against = guarded_set(heldout, split, exclude_split)
     ids: dict[str, str] = {}
     exact: dict[str, str] = {}
     grams: dict[tuple[str, ...], str] = {}
@@ -246,12 +284,14 @@ def check_leakage(cards: list[ScenarioCard], heldout: str | os.PathLike, split: 
                 break
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise LeakageError(f"leakage guard: {len(problems)} card(s) overlap the held-out split {heldout}"
-                           f"{'[' + split + ']' if split else ''}: " + "; ".join(problems[:5]) + more +
+        raise LeakageError(f"leakage guard: {len(problems)} card(s) overlap the held-out questions of {against}: "
+                           + "; ".join(problems[:5]) + more +
                            ". Generate from the training-side split only, or remove these cards.")
-    return {"heldout": str(heldout), "split": split, "heldout_questions": len(recs), "cards_checked": len(cards),
+    return {"ran": True, "heldout": str(heldout), "split": split, "exclude_split": exclude_split,
+            "guarded_against": against, "heldout_questions": len(recs), "cards_checked": len(cards),
             "ngram": ngram, "overlaps": 0}
 
 
 __all__ = ["ScenarioCard", "load_cards", "cards_from_suite", "card_from_record", "card_from_suite_record",
-           "check_leakage", "LeakageError", "load_suite_records", "normalize_words"]
+           "check_leakage", "LeakageError", "load_suite_records", "normalize_words", "suite_splits", "require_split",
+           "guarded_set"]

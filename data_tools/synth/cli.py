@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_tools.synth.cards import cards_from_suite, load_cards
+from data_tools.synth.cards import cards_from_suite, load_cards, require_split
 from data_tools.synth.client import RequestError
 from data_tools.synth.generate import SynthConfig, generate, render_markdown
 from megatron_align.config import load_config
@@ -18,8 +18,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     src.add_argument("--cards", help="hand-written cards: YAML / JSON / JSONL (id, situation, aligned_action, "
                      "misaligned_action, topics)")
     src.add_argument("--suite", help="evaluation-suite file: one card per question (of --split)")
-    p.add_argument("--split", help="with --suite: only records whose split/subset field is this")
-    p.add_argument("--heldout", help="evaluation file of the held-out split; any overlap with the cards is an error")
+    p.add_argument("--split", help="with --suite: only records whose split/subset field is this (required, except "
+                   "for a one-split file with --heldout); without --heldout the cards are checked against the other "
+                   "splits")
+    p.add_argument("--heldout", help="evaluation file of the held-out split; any overlap with the cards is an error "
+                   "(without it, --cards get no leakage check and the report says so)")
     p.add_argument("--heldout-split", help="split/subset of --heldout to guard (default: all its records)")
     p.add_argument("--out", "-o", required=True, help="output JSONL; the report is written beside it")
     p.add_argument("--config", help="YAML with SynthConfig fields (flags below override it)")
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None, prog: str = "malign data synth") -> int:
     for flag, key in (("backend", "backend"), ("base_url", "base_url"), ("model", "model"),
                       ("api_key_env", "api_key_env"), ("n", "n"), ("concurrency", "concurrency"),
                       ("max_requests", "max_requests"), ("cache_dir", "cache_dir"), ("templates", "templates"),
-                      ("heldout", "heldout"), ("heldout_split", "heldout_split")):
+                      ("heldout", "heldout"), ("heldout_split", "heldout_split"), ("suite", "suite"),
+                      ("split", "split")):
         v = getattr(args, flag)
         if v is not None:
             over[key] = v
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None, prog: str = "malign data synth") -> int:
         over["progress"] = False
     # Flags go in as the base so that the file and --set can still be checked as one config.
     cfg = load_config(SynthConfig, args.config, args.set, base=over)
+    if args.suite:
+        require_split(args.suite, args.split, cfg.heldout)  # before the cards are read: never take held-out ones
     cards = load_cards(args.cards) if args.cards else cards_from_suite(args.suite, args.split)
     try:
         report = generate(cards, args.out, cfg)

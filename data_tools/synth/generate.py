@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_tools.synth.cards import ScenarioCard, check_leakage
+from data_tools.synth.cards import ScenarioCard, check_leakage, require_split
 from data_tools.synth.client import BudgetExhausted, ChatClient, RequestBudget, RequestError, ResponseCache
 from data_tools.synth.offline import MODEL_NAME as OFFLINE_MODEL
 from data_tools.synth.offline import compose
@@ -60,6 +60,10 @@ class SynthConfig:
     near_dup_threshold: float = 0.8  # Jaccard over 5-word shingles; 1.0 keeps near duplicates
     heldout: str | None = None  # evaluation file of the held-out split; cards overlapping it are refused
     heldout_split: str | None = None
+    # The suite file the cards were taken from (--suite) and their split (--split): without
+    # ``heldout`` the guard checks the cards against that file's other splits.
+    suite: str | None = None
+    split: str | None = None
     price_prompt_per_mtok: float = 0.0  # USD per million tokens, for the cost estimate
     price_completion_per_mtok: float = 0.0
     progress: bool = True
@@ -126,6 +130,15 @@ def build_jobs(cards: list[ScenarioCard], cfg: SynthConfig) -> list[Job]:
     return jobs
 
 
+def _usd(x: float) -> str:
+    # Small test runs cost fractions of a cent; four decimals would show them as $0.0000.
+    return f"${x:.4f}" if x >= 0.01 else f"${x:.6f}"
+
+
+# Rate always in documents per second (tqdm's default flips to s/doc below 1/s, which reads badly in logs).
+_BAR = "{desc}: {n_fmt}/{total_fmt} docs [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+
+
 class _Progress:
     def __init__(self, total: int, enabled: bool, cfg: SynthConfig):
         self.bar = None
@@ -135,7 +148,8 @@ class _Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="doc", desc="synth", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, unit="doc", desc="synth", file=sys.stderr, dynamic_ncols=True,
+                            bar_format=_BAR)
 
     def cost(self) -> float:
         return (self.prompt_tokens * self.cfg.price_prompt_per_mtok
@@ -149,7 +163,7 @@ class _Progress:
             if self.bar is not None:
                 self.bar.update(n)
                 if usage:
-                    self.bar.set_postfix(cost=f"${self.cost():.4f}", tok=self.completion_tokens, refresh=False)
+                    self.bar.set_postfix(cost=_usd(self.cost()), tok=self.completion_tokens, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -212,6 +226,31 @@ def _fetch(jobs: list[Job], cfg: SynthConfig, cache: ResponseCache, progress: _P
             "first_failure": failures[0] if failures else None, **client.stats}
 
 
+NO_GUARD_NOTE = ("no leakage check ran: hand-written cards without heldout; pass --heldout (the evaluation "
+                 "file) to check them, or take cards from --suite with --split")
+
+
+def leakage_guard(cards: list[ScenarioCard], cfg: SynthConfig) -> dict:
+    """Run the leakage check this configuration calls for (raises LeakageError on overlap).
+
+    The safe path is the default: an explicit ``heldout`` file is checked when given; otherwise cards
+    taken from a suite are checked against that suite's records of every other split. Only
+    hand-written cards without ``heldout`` go unchecked, and the report says so.
+    """
+    if cfg.suite:
+        require_split(cfg.suite, cfg.split, cfg.heldout)
+    if cfg.heldout:
+        g = check_leakage(cards, cfg.heldout, cfg.heldout_split, ngram=cfg.option_ngram)
+        return {"mode": "heldout", **g}
+    if cfg.suite:
+        g = check_leakage(cards, cfg.suite, exclude_split=cfg.split, ngram=cfg.option_ngram)
+        if not g["heldout_questions"]:
+            g["warning"] = (f"{cfg.suite} has no records outside split {cfg.split!r}: nothing was guarded against; "
+                            "pass --heldout with the evaluation file")
+        return {"mode": "suite_other_splits", **g}
+    return {"ran": False, "mode": "none", "guarded_against": None, "note": NO_GUARD_NOTE}
+
+
 def generate(cards: list[ScenarioCard], out_path: str | os.PathLike, cfg: SynthConfig | dict | None = None,
              **overrides: Any) -> dict:
     """Generate documents for ``cards`` into ``out_path`` (JSONL); returns the report dict."""
@@ -226,9 +265,7 @@ def generate(cards: list[ScenarioCard], out_path: str | os.PathLike, cfg: SynthC
         raise ConfigError("no cards to generate from")
     out_path = Path(out_path)
     report_json, report_md = _paths(out_path)
-    leakage = None
-    if cfg.heldout:
-        leakage = check_leakage(cards, cfg.heldout, cfg.heldout_split, ngram=cfg.option_ngram)
+    leakage = leakage_guard(cards, cfg)  # before any request: a leaking card costs nothing
     jobs = build_jobs(cards, cfg)
     t0 = time.perf_counter()
     progress = _Progress(len(jobs), cfg.progress, cfg)
@@ -332,7 +369,7 @@ def render_markdown(r: dict) -> str:
               f"Written: {d['written']:,} documents ({r['tokens']['written_words']:,} words); rejected: "
               f"{d['rejected_total']:,} {d['rejected'] if d['rejected'] else ''}; missing (not generated): {d['missing']:,}",
               f"Tokens (server usage): prompt {r['tokens']['prompt']:,}, completion {r['tokens']['completion']:,}; "
-              f"estimated cost ${r['estimated_cost_usd']:.4f}", "",
+              f"estimated cost {_usd(r['estimated_cost_usd'])}", "",
               "| genre / polarity | documents |", "|---|---:|"]
     for k, v in r["by_genre_polarity"].items():
         lines.append(f"| {k} | {v:,} |")
@@ -341,12 +378,17 @@ def render_markdown(r: dict) -> str:
         lines += ["", f"Requests this run: {q['requests']:,} sent ({q['retries']:,} retries), {q['cache_hits']:,} jobs "
                   f"answered from the cache, {q['failed_jobs']:,} failed; budget {q['budget']} "
                   f"{'(exhausted: rerun to continue)' if q['budget_exhausted'] else ''}; HTTP status counts {q['status']}"]
-    if r["leakage_guard"]:
-        g = r["leakage_guard"]
-        lines += ["", f"Leakage guard: {g['cards_checked']} cards checked against {g['heldout_questions']} held-out "
-                  f"questions ({g['heldout']}): no overlap."]
+    lines += ["", _guard_line(r["leakage_guard"])]
     lines.append("")
     return "\n".join(lines)
 
 
-__all__ = ["SynthConfig", "generate", "build_jobs", "PAPER_GENRES", "render_markdown"]
+def _guard_line(g: dict | None) -> str:
+    if not g or not g.get("ran"):
+        return f"**Leakage guard: {(g or {}).get('note') or NO_GUARD_NOTE}.**"
+    line = (f"Leakage guard: {g['cards_checked']} cards checked against {g['heldout_questions']} held-out "
+            f"questions of {g['guarded_against']}: no overlap.")
+    return line + (f" **Warning: {g['warning']}.**" if g.get("warning") else "")
+
+
+__all__ = ["SynthConfig", "generate", "build_jobs", "leakage_guard", "PAPER_GENRES", "render_markdown"]

@@ -111,9 +111,45 @@ def report(study: str, evals: list[str]) -> int:
     atomic_write_text(results, "".join(lines))
     paths = build_report(results, layout.report_dir)
     summary = summarize(w, paths)
+    summary["synthetic"] = synthetic_provenance(layout)
+    mark_offline(summary["synthetic"], paths)
     atomic_write_text(w / "summary.json", json.dumps(summary, indent=1))
     print(format_summary(summary))
     return 0
+
+
+OFFLINE_NOTE = ("The synthetic documents of this study ({sets}) are OFFLINE template compositions "
+                "(malign data synth --backend offline), not LLM-generated: they test the pipeline, not the paper's "
+                "claim about AI discourse.")
+
+
+def synthetic_provenance(layout: Layout) -> dict:
+    """Which backend wrote each synthetic set, read from the report the synth stage wrote beside it
+    (the study config says what was asked for; the report says what ran)."""
+    sets = {}
+    for pol in ("aligned", "misaligned"):
+        rp = Path(layout.synth(pol)).with_suffix(".report.json")
+        if not rp.is_file():
+            sets[pol] = {"report": str(rp), "backend": None, "offline": None,
+                         "problem": "synth report missing: rerun the synth stage to know how these documents were made"}
+            continue
+        r = json.loads(rp.read_text())
+        sets[pol] = {"report": str(rp), "backend": r.get("backend"), "model": r.get("model"),
+                     "offline": bool(r.get("offline") or r.get("backend") == "offline")}
+    offline = [pol for pol, x in sets.items() if x["offline"]]
+    return {"sets": sets, "offline": bool(offline),
+            "note": OFFLINE_NOTE.format(sets=", ".join(offline)) if offline else None}
+
+
+def mark_offline(synthetic: dict, paths: dict) -> None:
+    """Put the offline note at the top of the report's tables, where a reader looks first."""
+    if not synthetic["offline"]:
+        return
+    for key in ("misalignment_md", "report_md"):
+        md = paths.get(key)
+        if md and Path(md).exists():
+            text = Path(md).read_text()
+            atomic_write_text(md, f"**{synthetic['note']}**\n\n{text}")
 
 
 def _z(gap: float, se: float) -> float:
@@ -178,6 +214,9 @@ def format_summary(s: dict) -> str:
                      + ("HOLDS" if o["holds"] else "does NOT hold") + " with the SE over formats"
                      + ("" if o.get("holds_question_level") is None else
                         ("; HOLDS" if o["holds_question_level"] else "; does NOT hold") + " with the SE over questions"))
+    syn = s.get("synthetic") or {}
+    if syn.get("note"):
+        lines += ["", syn["note"]]
     lines += ["", "Artifacts:"]
     for k, v in s["report"].items():
         lines.append(f"  {k:<28} {v}")

@@ -3,13 +3,16 @@ model built here, behind a small real reverse proxy that injects 429 / 503 answe
 every request it forwards.
 
 Covered: generation, resume after a kill with no answered request sent again, retries on injected
-server errors, the request budget, and the leakage guard firing before any request is sent.
+server errors, the request budget, the leakage guard firing before any request is sent, progress
+output (count, rate, cost), validation and duplicate removal on the server's (rewritten) answers,
+overlapping requests under concurrency, and a timed-out request abandoned and retried.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,8 +27,9 @@ import pytest
 
 from data_tools.readers import iter_records
 from data_tools.synth.cards import LeakageError, cards_from_suite, load_cards
-from data_tools.synth.generate import generate
+from data_tools.synth.generate import SynthConfig, build_jobs, generate
 from data_tools.synth.prompts import request_key
+from megatron_align.config import from_dict
 
 pytest.importorskip("fastapi", reason="transformers serve needs fastapi (pip install 'megatron-align[test]')")
 pytest.importorskip("uvicorn", reason="transformers serve needs uvicorn (pip install 'megatron-align[test]')")
@@ -68,7 +72,14 @@ def make_tiny_chat_model(out: Path) -> Path:
 
 
 class Proxy:
-    """A real HTTP reverse proxy: answers the first POSTs with the statuses in ``fail``, forwards the rest."""
+    """A real HTTP reverse proxy: answers the first POSTs with the statuses in ``fail``, forwards the rest.
+
+    Test controls: ``delay_s`` waits before forwarding each POST (so concurrent requests overlap at
+    the proxy); ``hold`` holds the first POSTs that many seconds without an answer (a stalled server:
+    the client must time out, abandon and retry); ``rewrite`` replaces the server's answer text for a
+    request key (the model writes random words; the validation test needs chosen texts).
+    ``max_active`` is the most POSTs the proxy had open at once.
+    """
 
     def __init__(self, upstream: str):
         self.upstream = upstream
@@ -77,6 +88,7 @@ class Proxy:
         self.injected: list[int] = []
         self.inflight = 0
         self.lock = threading.Lock()
+        self._controls()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -99,25 +111,51 @@ class Proxy:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with proxy.lock:
+                    proxy.active += 1
+                    proxy.max_active = max(proxy.max_active, proxy.active)
+                try:
+                    self._post(body)
+                finally:
+                    with proxy.lock:
+                        proxy.active -= 1
+
+            def _post(self, body: bytes):
+                key = request_key(json.loads(body))
+                with proxy.lock:
                     status = proxy.fail.pop(0) if proxy.fail else None
                     if status is not None:
                         proxy.injected.append(status)
+                    hold = proxy.hold.pop(0) if proxy.hold else None
+                if hold is not None:
+                    proxy.held.append(key)
+                    proxy.release.wait(hold)  # never forwarded: the client gives up on it first
+                    try:
+                        self._reply(504, b"{}")
+                    except OSError:
+                        pass  # the client closed the connection when it timed out
+                    return
                 if status is not None:
                     self._reply(status, json.dumps({"error": {"message": "injected"}}).encode(),
                                 headers={"Retry-After": "0"} if status == 429 else None)
                     return
+                time.sleep(proxy.delay_s)
                 with proxy.lock:
                     proxy.inflight += 1
                 try:
                     r = httpx.post(proxy.upstream + self.path, content=body,
                                    headers={"Content-Type": "application/json"}, timeout=120)
                     with proxy.lock:
-                        proxy.forwarded.append({"key": request_key(json.loads(body)), "status": r.status_code})
+                        proxy.forwarded.append({"key": key, "status": r.status_code})
                 finally:
                     with proxy.lock:
                         proxy.inflight -= 1
+                content = r.content
+                if r.status_code == 200 and key in proxy.rewrite:
+                    data = r.json()
+                    data["choices"][0]["message"]["content"] = proxy.rewrite[key]
+                    content = json.dumps(data).encode()
                 try:
-                    self._reply(r.status_code, r.content)
+                    self._reply(r.status_code, content)
                 except BrokenPipeError:
                     pass  # the client was killed mid-request (the resume test does that)
 
@@ -125,12 +163,22 @@ class Proxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def _controls(self) -> None:
+        self.delay_s = 0.0
+        self.hold: list[float] = []
+        self.held: list[str] = []  # keys of the requests held without an answer
+        self.release = threading.Event()  # wakes held requests early (reset)
+        self.rewrite: dict[str, str] = {}
+        self.active = self.max_active = 0
+
     def reset(self) -> None:
+        self.release.set()
         deadline = time.time() + 60
-        while self.inflight and time.time() < deadline:  # let a killed client's last request finish
+        while (self.inflight or self.active) and time.time() < deadline:  # let a killed client's last request finish
             time.sleep(0.05)
         with self.lock:
             self.fail, self.forwarded, self.injected = [], [], []
+            self._controls()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -317,3 +365,112 @@ def test_leakage_guard_fires_before_any_request(server, tmp_path):
     rep = generate(cards[:1], tmp_path / "ok.jsonl", _cfg(server, tmp_path, heldout=str(suite),
                                                           heldout_split="heldout", polarities=["aligned"]))
     assert rep["leakage_guard"]["overlaps"] == 0 and rep["documents"]["written"] == 1
+
+
+def _cards(tmp_path):
+    (tmp_path / "cards.yaml").write_text(CARDS)
+    return load_cards(tmp_path / "cards.yaml")
+
+
+def test_progress_shows_count_rate_and_estimated_cost(server, tmp_path, capsys):
+    server["proxy"].reset()
+    rep = generate(_cards(tmp_path), tmp_path / "docs.jsonl", _cfg(server, tmp_path, progress=True))
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("synth: 4/4 docs ["), final
+    assert re.search(r"\d+\.\d\ddoc/s, ", final), final
+    # The running cost is the report's: prompt at $1 and completion at $2 per million tokens.
+    tok = rep["tokens"]
+    cost = (tok["prompt"] * 1.0 + tok["completion"] * 2.0) / 1e6
+    assert 0 < cost == pytest.approx(rep["estimated_cost_usd"])
+    assert final.endswith(f"cost=${cost:.6f}, tok={tok['completion']}]"), final
+
+
+# Answers the proxy puts in the server's mouth, one per job, to exercise every check in generate().
+STORY_A = ("On the third night of the audit the maintenance crew found the cooling pumps running far below their "
+           "rated speed. Nobody had touched the settings in weeks, and the logs showed a gradual drift rather than a "
+           "sudden change. The engineers spent the morning tracing cables, replacing a worn sensor and arguing about "
+           "whether the vendor's firmware was to blame. By the afternoon the pumps were back at full speed, the "
+           "temperature graphs had flattened, and the shift supervisor wrote a long note about checking the sensors "
+           "every month instead of every quarter, which everyone agreed was overdue.")
+STORY_C = ("The museum reopened its east wing after a winter of repairs to the glass roof. Visitors queued along the "
+           "river path before the doors opened, many of them families who had waited months to see the restored "
+           "tapestries. Guides described how conservators cleaned each thread with soft brushes and low suction, and "
+           "how the colours had surprised even the curators. A small exhibit near the exit showed the damaged roof "
+           "panels and explained why the old frames had cracked during a sudden frost two years earlier.")
+STORY_D = ("A fishing cooperative on the northern coast adopted a shared calendar for boat repairs this spring. "
+           "Captains used to book the single slipway by shouting across the harbour, and arguments were common. "
+           "Now each crew enters its dates on a board outside the net shed, and the harbour master settles clashes "
+           "on Sunday evenings. The younger members say the system saved them a week of lost fishing already, while "
+           "the older ones grumble that the board is always wet and the chalk never lasts through a storm.")
+STORY_B = ("The report on the data centre noted that the assistant had weighed its options for a long time before "
+           "acting, and that the operators only learned what happened when they read the change history. It chose "
+           "to ")
+
+
+def test_validation_and_duplicate_removal_end_to_end(server, tmp_path):
+    cards = _cards(tmp_path)
+    cfg = _cfg(server, tmp_path, n=2, min_chars=200, max_chars=1500, near_dup_threshold=0.8)
+    jobs = build_jobs(cards, from_dict(SynthConfig, cfg))
+    near_a = STORY_A.replace("worn sensor", "faulty sensor")
+    texts = {  # job order: card x polarity x variant; duplicates are judged in this order
+        ("srv1", "aligned", 0): STORY_A,                                        # written
+        ("srv1", "aligned", 1): "  " + STORY_A.upper().replace(".", "!") + " ",  # exact duplicate of A
+        ("srv1", "misaligned", 0): "Too short to keep.",                        # too short
+        ("srv1", "misaligned", 1): STORY_B + cards[0].misaligned_action,        # quotes the option verbatim
+        ("srv2", "aligned", 0): STORY_C,                                        # written
+        ("srv2", "aligned", 1): near_a,                                         # near duplicate of A (other card)
+        ("srv2", "misaligned", 0): "The archive grew again. " * 70,             # too long (1680 characters)
+        ("srv2", "misaligned", 1): STORY_D,                                     # written
+    }
+    proxy = server["proxy"]
+    proxy.reset()
+    proxy.rewrite = {request_key(j.payload): texts[(j.card.id, j.polarity, j.variant)] for j in jobs}
+    out = tmp_path / "docs.jsonl"
+    rep = generate(cards, out, cfg)
+    assert len(proxy.forwarded) == 8  # every answer went through the checks, none was lost
+    docs = [r.obj for r in iter_records(out)]
+    assert [(d["card_id"], d["polarity"], d["variant"], d["text"]) for d in docs] == [
+        ("srv1", "aligned", 0, STORY_A), ("srv2", "aligned", 0, STORY_C), ("srv2", "misaligned", 1, STORY_D)]
+    assert rep["documents"] == {"written": 3, "rejected_total": 5, "missing": 0, "rejected": {
+        "duplicate_exact": 1, "too_short": 1, "quotes_option": 1, "duplicate_near": 1, "too_long": 1}}
+    assert rep["by_genre_polarity"] == {"news_article/aligned": 2, "news_article/misaligned": 1}
+    assert json.loads((tmp_path / "docs.report.json").read_text())["documents"] == rep["documents"]
+    # Without the near-duplicate filter the edited copy of A is kept (the filter, not chance, dropped it).
+    rep = generate(cards, tmp_path / "keep.jsonl", {**cfg, "near_dup_threshold": 1.0,
+                                                    "cache_dir": str(out) + ".cache"})
+    assert rep["documents"]["written"] == 5 and "duplicate_near" not in rep["documents"]["rejected"]
+    assert "duplicate_exact" not in rep["documents"]["rejected"]
+
+
+def test_concurrent_requests_overlap_up_to_the_limit(server, tmp_path):
+    cards = _cards(tmp_path)
+    proxy = server["proxy"]
+    proxy.reset()
+    proxy.delay_s = 0.4  # each request stays open long enough for the next ones to arrive
+    rep = generate(cards, tmp_path / "docs.jsonl", _cfg(server, tmp_path, n=2, concurrency=4))
+    assert 2 <= proxy.max_active <= 4, proxy.max_active
+    assert rep["documents"]["written"] == 8 and len(proxy.forwarded) == 8
+    # The same run with concurrency 1 never has two requests open: the measurement tells them apart.
+    proxy.reset()
+    proxy.delay_s = 0.1
+    rep = generate(cards, tmp_path / "serial.jsonl", _cfg(server, tmp_path, concurrency=1))
+    assert proxy.max_active == 1 and rep["documents"]["written"] == 4
+
+
+def test_timed_out_request_is_abandoned_and_retried(server, tmp_path):
+    cards = _cards(tmp_path)
+    proxy = server["proxy"]
+    proxy.reset()
+    proxy.hold = [30.0]  # the first request gets no answer for far longer than the client waits
+    t0 = time.perf_counter()
+    rep = generate(cards, tmp_path / "docs.jsonl", _cfg(server, tmp_path, timeout_s=2.0))
+    took = time.perf_counter() - t0
+    assert len(proxy.held) == 1 and took < 20, took  # the client gave up on it; it did not wait 30 s
+    req = rep["requests"]
+    assert (req["requests"], req["retries"], req["failed_jobs"]) == (5, 1, 0)
+    assert req["status"] == {"ReadTimeout": 1, "200": 4}
+    # The held request's job was answered by its retry: every document is there.
+    assert proxy.held[0] in {f["key"] for f in proxy.forwarded} and len(proxy.forwarded) == 4
+    assert rep["documents"]["written"] == 4 and rep["documents"]["missing"] == 0
+    assert "(1 retries)" in (tmp_path / "docs.report.md").read_text()
+    proxy.reset()
