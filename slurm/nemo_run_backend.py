@@ -59,13 +59,35 @@ def stage_script(stage: Stage, profile: ClusterProfile, workdir: Path, plan_path
     if stage.array:
         lines.append(f'export MALIGN_TASK_ID="${{SLURM_ARRAY_TASK_ID}}" MALIGN_NUM_TASKS={stage.array}')
     lines.append("started=$(date +%s.%N)")
-    lines.append(shell_join(stage_command(stage, profile, nodes, nproc)))
-    lines.append("rc=$?")
+    command = shell_join(stage_command(stage, profile, nodes, nproc))
     if stage.requeue:
-        lines.append(f'if [ "$rc" -eq {EXIT_REQUEUE} ] && [ "${{SLURM_PROCID:-0}}" = 0 ]; then '
-                     'scontrol requeue "$SLURM_JOB_ID"; exit 0; fi')
+        # nemo-run's batch script runs srun in the foreground and cannot trap the time-limit
+        # warning, so it is sent to the job's steps (--signal=USR1@N, no B:), i.e. to this script
+        # and the processes under it. torchrun's agent dies on a bare USR1, so the command starts
+        # with USR1 ignored (the trainer installs its own handler and saves); this shell then
+        # passes SIGTERM to the command, which torchrun forwards to its workers.
+        lines += ["preempted=0", "trap '' USR1", f"{command} &", "child=$!",
+                  "trap 'preempted=1; echo \"[malign] time-limit warning: asking the stage to save and stop\"; "
+                  "kill -TERM \"$child\" 2>/dev/null' USR1",
+                  "trap : TERM",
+                  # wait returns early whenever a trapped signal arrives; wait until the command ended.
+                  'while :; do wait "$child"; rc=$?; kill -0 "$child" 2>/dev/null || break; done',
+                  f'if [ "$rc" -eq {EXIT_REQUEUE} ] || {{ [ "$preempted" = 1 ] && [ "$rc" -ne 0 ]; }}; then',
+                  f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -ge {int(profile.max_requeues)} ]; then',
+                  f'    echo "[malign] stage" {q(stage.name)} "asked to be requeued {int(profile.max_requeues)} times; '
+                  'giving up"; exit 1; fi',
+                  f'  echo "[malign] stage" {q(stage.name)} "saved and stopped; requeueing job $SLURM_JOB_ID to resume"',
+                  # Slurm holds a requeued job for 120 s; a helper outside the job lifts the hold.
+                  "  setsid bash -c 'for _ in $(seq 1 300); do "
+                  'if [ \"$(squeue -h -j \"$1\" -o %T 2>/dev/null)\" = PENDING ]; then '
+                  'scontrol update jobid=\"$1\" StartTime=now; exit 0; fi; sleep 1; done\' _ "$SLURM_JOB_ID" '
+                  "</dev/null >/dev/null 2>&1 &",
+                  '  scontrol requeue "$SLURM_JOB_ID"; exit 0',
+                  "fi"]
+    else:
+        lines += [command, "rc=$?"]
     task = ' --task "$SLURM_ARRAY_TASK_ID"' if stage.array else ""
-    lines.append(f'[ "$rc" -eq 0 ] || exit "$rc"')
+    lines.append('[ "$rc" -eq 0 ] || exit "$rc"')
     lines.append(f"{q(profile.python)} -m slurm.stamps {q(str(plan_path))} {q(stage.name)}{task} "
                  '--started "$started"')
     return "\n".join(lines) + "\n"
@@ -81,7 +103,7 @@ def _executor(run, stage: Stage, profile: ClusterProfile, tunnel_dir: str, study
               cpus_per_task=rc.cpus_per_task, gpus_per_node=rc.gpus_per_node or None,
               mem=None if rc.mem is None else str(rc.mem), exclusive=True if rc.exclusive else None,
               array=f"0-{stage.array - 1}" if stage.array else None,
-              signal=f"B:USR1@{profile.signal_seconds}" if stage.requeue else None,
+              signal=f"USR1@{profile.signal_seconds}" if stage.requeue else None,
               tunnel=run.LocalTunnel(job_dir=tunnel_dir), packager=run.Packager(),
               job_name_prefix=job_name(study, ""),
               additional_parameters={"kill_on_invalid_dep": "yes", **extra})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import yaml
 
 import pytest
@@ -105,3 +107,37 @@ def test_pythia_dry_run_on_64_nodes(tmp_path, capsys):
     for c in PAPER4:
         assert f"dpo_{c}" in out and f"eval_{c}_dpo" in out
     assert not (wd / ".slurm" / "submission.json").exists()  # nothing submitted
+    # The pretraining job of the real preset, line by line as a cluster admin reads it.
+    scripts = {}
+    for chunk in out.split("\n# ---- ")[1:]:
+        path, body = chunk.split("\n", 1)
+        scripts[path.rsplit("/", 1)[1].removesuffix(".sbatch")] = body
+    train = scripts["pretrain_unfiltered"].splitlines()
+    assert [ln for ln in train if ln.startswith("#SBATCH")] == [
+        "#SBATCH --job-name=pythia-6.9b.pretrain_unfiltered",
+        "#SBATCH --account=align-proj",
+        "#SBATCH --partition=batch",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --nodes=64",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=96",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --mem=0",
+        "#SBATCH --exclusive",
+        f"#SBATCH --output={wd}/logs/pretrain_unfiltered.%j.log",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --kill-on-invalid-dep=yes",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --requeue",
+    ]
+    assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"' in train
+    i = train.index("srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\")
+    assert train[i + 1] == (
+        "  python -m torch.distributed.run --nproc-per-node=8 --nnodes=64 --rdzv-backend=c10d "
+        '--rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv-id="${SLURM_JOB_ID}" '
+        "-m slurm.call megatron_align.study.steps:train_segment "
+        f"'{{\"condition\": \"unfiltered\", \"segment\": 0, \"study\": \"{wd}/study.yaml\"}}' &")
+    assert any(ln.startswith("# submit: sbatch --parsable --dependency=afterok:${JOB_prebuild} ")
+               and ln.endswith("/pretrain_unfiltered.sbatch") for ln in out.splitlines())
+    for name in ("pretrain_unfiltered", "preprocess_corpus", "eval_unfiltered_dpo"):
+        subprocess.run(["bash", "-n"], input=scripts[name], text=True, check=True)  # valid shell
