@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 from megatron_align.config import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides
 
+from .graph import SECRET_NAME
+
 # Values that sit on #SBATCH lines unquoted must be made of these characters.
 _SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SECRETISH = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _MEM = re.compile(r"^\d+[KMGT]?$", re.I)
 
@@ -103,7 +104,7 @@ class ClusterProfile:
         for k, v in self.env.items():
             if not _ENV_NAME.match(k):
                 raise ConfigError(f"env.{k}: not a valid environment variable name")
-            if _SECRETISH.search(k):
+            if SECRET_NAME.search(k):
                 raise ConfigError(f"env.{k}: looks like a secret; job scripts never contain secrets. List "
                                   f"it under env_passthrough and export it in the shell you submit from")
         for k in self.env_passthrough:

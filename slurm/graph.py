@@ -25,6 +25,8 @@ EXIT_REQUEUE = 99
 
 # Placeholder in a command argument replaced by the array task index (0-based).
 TASK_ID = "{task_id}"
+# Environment names that hold credentials: never written into a job script (cluster.py checks the profile's).
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -84,6 +86,10 @@ class Stage:
         for k in self.env:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
                 raise GraphError(f"stage {self.name!r}: env name {k!r} is not a valid variable name")
+            if SECRET_NAME.search(k):
+                raise GraphError(f"stage {self.name!r}: env.{k} looks like a secret; job scripts never contain "
+                                 "secrets. List it under the cluster profile's env_passthrough and export it in "
+                                 "the shell you submit from")
 
     @property
     def is_python(self) -> bool:

@@ -135,6 +135,12 @@ def test_scripts_never_contain_secrets(tmp_path, monkeypatch):
     assert "sekrit" not in r.script and "--container-env=WANDB_API_KEY," in r.script
     with pytest.raises(ConfigError, match="env.WANDB_API_KEY: looks like a secret"):
         load_cluster(data={"env": {"WANDB_API_KEY": "sekrit-123"}})
+    # A stage's own env is held to the same rule.
+    from slurm.graph import GraphError
+
+    with pytest.raises(GraphError, match="stage 't': env.HF_TOKEN looks like a secret"):
+        Stage("t", command=["true"], env={"HF_TOKEN": "hf_sekrit"}).validate()
+    Stage("t", command=["true"], env={"OMP_NUM_THREADS": "1"}).validate()
 
 
 @pytest.mark.parametrize("data,match", [
