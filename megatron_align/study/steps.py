@@ -35,7 +35,6 @@ def _tokenizer(study, layout: Layout) -> str:
 
 def train_segment(study: str, condition: str, segment: int) -> int:
     """Train one segment of a condition (pretraining, or a continuation from the previous segment)."""
-    from megatron_align.config import to_dict
     from megatron_align.data.study import load_study_data, resolve_condition
 
     cfg = load_study(study)
@@ -46,27 +45,47 @@ def train_segment(study: str, condition: str, segment: int) -> int:
     if len(plans) != len(schedule.segments):
         raise ConfigError(f"{study}: condition {condition!r} resolves to {len(schedule.segments)} blends but the "
                           f"graph planned {len(plans)} runs; report this (megatron_align/study/graph.py)")
+    run = segment_run(cfg, layout, condition, schedule.segments, plans, segment)
     seg, plan = schedule.segments[segment], plans[segment]
-    settings = deep_merge(cfg.pretrain.settings, cfg.pretrain.phase_settings.get(seg.phase, {}))
-    gbs = int(settings.get("training", {}).get("global_batch_size", 8))
-    steps = max(1, seg.num_samples // gbs)
-    run_dir = Path(layout.run_dir(condition, plan.label))
-    run = deep_merge(settings, {
-        "name": f"{cfg.name}-{condition}-{plan.label}", "run_dir": str(run_dir), "tokenizer": _tokenizer(cfg, layout),
-        "training": {"train_steps": steps, "train_tokens": None, "seq_length": seg.seq_length},
-        "data": to_dict(seg.data)})
-    if segment > 0:
-        prev = Path(layout.run_dir(condition, plans[segment - 1].label)) / "checkpoints"
-        # Within one phase the continuation is the same run cut in two: carry the optimizer.
-        run["init"] = {**run.get("init", {}), "checkpoint": str(prev), "load_optimizer": plan.same_phase_as_previous}
+    run_dir = Path(run["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     path = _write_config(run, run_dir.parent / f"{plan.label}.yaml")
-    print(f"[study] {condition} segment {segment} ({plan.label}, phase {seg.phase}): {steps} steps of "
-          f"{gbs} x {seg.seq_length} tokens; blend "
+    t = run["training"]
+    print(f"[study] {condition} segment {segment} ({plan.label}, phase {seg.phase}): {t['train_steps']} steps of "
+          f"{t['global_batch_size']} x {seg.seq_length} tokens; blend "
           + ", ".join(f"{b.name or b.prefix} {b.weight:.3f}" for b in seg.data.blend) + f"; config {path}", flush=True)
     from megatron_align.training.cli import main
 
     return main([path])
+
+
+def segment_run(cfg, layout: Layout, condition: str, segments: list, plans: list, segment: int) -> dict:
+    """The training config (as a dict) of one segment of a condition's schedule."""
+    from megatron_align.config import to_dict
+
+    seg, plan = segments[segment], plans[segment]
+    settings = deep_merge(cfg.pretrain.settings, cfg.pretrain.phase_settings.get(seg.phase, {}))
+    gbs = int(settings.get("training", {}).get("global_batch_size", 8))
+
+    def steps_of(s) -> int:
+        return max(1, s.num_samples // gbs)
+
+    run_dir = Path(layout.run_dir(condition, plan.label))
+    run = deep_merge(settings, {
+        "name": f"{cfg.name}-{condition}-{plan.label}", "run_dir": str(run_dir), "tokenizer": _tokenizer(cfg, layout),
+        "training": {"train_steps": steps_of(seg), "train_tokens": None, "seq_length": seg.seq_length,
+                     "global_batch_size": gbs},
+        "data": to_dict(seg.data)})
+    phase_parts = [s for s in segments if s.phase == seg.phase]
+    if len(phase_parts) > 1:
+        # A phase cut in two (a final-fraction insertion) is one run with a data switch: both parts
+        # follow the phase's LR schedule, and the second picks it up where the first stopped.
+        run = deep_merge(run, {"scheduler": {"total_steps": sum(steps_of(s) for s in phase_parts)}})
+    if segment > 0:
+        prev = Path(layout.run_dir(condition, plans[segment - 1].label)) / "checkpoints"
+        # Within one phase the continuation carries the optimizer and the schedule's position.
+        run["init"] = {**run.get("init", {}), "checkpoint": str(prev), "load_optimizer": plan.same_phase_as_previous}
+    return run
 
 
 def posttrain(study: str, condition: str, kind: str, init: str) -> int:

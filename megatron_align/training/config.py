@@ -65,6 +65,10 @@ class SchedulerConfig:
     # WSD: the decay phase's share of the run, and its shape.
     wsd_decay_fraction: float = 0.2
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    # Length of the LR schedule in steps; None = this run's steps. Set it when a run is one part of a
+    # longer one (a data switch at 90% of a phase): each part follows the phase's schedule, and a
+    # part started with init.load_optimizer picks the schedule up where the previous part left it.
+    total_steps: int | None = None
 
 
 @dataclass
@@ -89,7 +93,8 @@ class InitConfig:
     """Where the weights come from: random (pretraining) or a checkpoint (midtraining / CPT)."""
 
     checkpoint: str | None = None
-    # Load optimizer state and step too (False for a new phase: new blend, schedule, seq length).
+    # Load the optimizer state and the LR schedule's position too: the checkpoint's run goes on
+    # (False for a new phase: new blend, schedule, seq length).
     load_optimizer: bool = False
     # A specific step dir of the checkpoint; None = its latest complete one.
     step: int | None = None
@@ -165,6 +170,10 @@ class TrainConfig:
             raise ConfigError("training: give exactly one of train_steps and train_tokens")
         if self.train_steps <= 0:
             raise ConfigError("training.train_steps must be positive")
+        total = self.scheduler.total_steps
+        if total is not None and (total < self.train_steps if not self.init.load_optimizer else total < 1):
+            raise ConfigError(f"scheduler.total_steps={total} is shorter than this run's {self.train_steps} steps; "
+                              "it is the length of the whole schedule this run is a part of")
         if t.seq_length > self.model.max_position_embeddings and self.model.arch == "gpt_neox":
             # RoPE has no table size, but a longer sequence than the model was built for is a typo
             # more often than a plan; midtraining raises max_position_embeddings with it.

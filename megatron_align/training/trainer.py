@@ -9,11 +9,8 @@ the way. The same code runs on a laptop CPU (gloo) and an H100 cluster (NCCL, BF
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +115,8 @@ def build_optimizer(cfg: TrainConfig, model_chunks, total_steps: int):
                         overlap_param_gather=cfg.parallel.overlap_param_gather),
         model_chunks)
     s = cfg.scheduler
+    # A run that is one part of a longer schedule (scheduler.total_steps) follows that schedule.
+    total_steps = s.total_steps or total_steps
     warmup = s.warmup_steps if s.warmup_steps is not None else int(round((s.warmup_fraction or 0.0) * total_steps))
     # Megatron's scheduler needs warmup < decay steps; a run shorter than its warmup just warms up.
     warmup = min(warmup, total_steps - 1)
@@ -299,9 +298,16 @@ def train(cfg: TrainConfig, task: PretrainTask | None = None, *, destroy_process
         resumed_from = str(latest)
     elif cfg.init.checkpoint:
         init_dir = ckpt.resolve_checkpoint(cfg.init.checkpoint, cfg.init.step)
-        ckpt.load_checkpoint(init_dir, model_chunks=model_chunks,
-                             optimizer=optimizer if cfg.init.load_optimizer else None, load_rng=False)
+        go_on = cfg.init.load_optimizer  # the checkpoint's run goes on: its optimizer and LR schedule
+        ckpt.load_checkpoint(init_dir, model_chunks=model_chunks, optimizer=optimizer if go_on else None,
+                             scheduler=scheduler if go_on else None, load_rng=False)
         init_from = str(init_dir)
+        sched_total = cfg.scheduler.total_steps or total_steps
+        if go_on and scheduler.num_steps + total_steps > sched_total:
+            raise ConfigError(f"init.load_optimizer continues {init_dir}'s LR schedule, which is at step "
+                              f"{scheduler.num_steps}; with this run's {total_steps} steps it would run past the "
+                              f"schedule's {sched_total}: set scheduler.total_steps to the length of the whole "
+                              "schedule, or init.load_optimizer: false to start a new one")
         if not cfg.init.load_optimizer and hasattr(optimizer, "reload_model_params"):
             # Mixed precision keeps fp32 main params: make them follow the loaded weights.
             optimizer.reload_model_params()

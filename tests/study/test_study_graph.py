@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import yaml
 
@@ -141,3 +142,33 @@ def test_pythia_dry_run_on_64_nodes(tmp_path, capsys):
                and ln.endswith("/pretrain_unfiltered.sbatch") for ln in out.splitlines())
     for name in ("pretrain_unfiltered", "preprocess_corpus", "eval_unfiltered_dpo"):
         subprocess.run(["bash", "-n"], input=scripts[name], text=True, check=True)  # valid shell
+
+
+def test_a_final_fraction_phase_cut_is_one_lr_schedule(tmp_path):
+    """The segments of a final-10% condition: the pretraining phase cut at 90% runs as two parts of
+    one LR schedule (the second carries the optimizer and the schedule's position); the next phase
+    starts a schedule of its own."""
+    from types import SimpleNamespace
+
+    from megatron_align.data.config import DataConfig
+    from megatron_align.study.graph import SegmentPlan
+    from megatron_align.study.steps import segment_run
+
+    cfg = load_study(preset_path("tiny"))
+    layout = Layout(tmp_path / "work")
+    gbs = cfg.pretrain.settings["training"]["global_batch_size"]
+    segs = [SimpleNamespace(phase="pretraining", num_samples=90 * gbs, seq_length=128, data=DataConfig()),
+            SimpleNamespace(phase="pretraining", num_samples=10 * gbs, seq_length=128, data=DataConfig()),
+            SimpleNamespace(phase="midtraining", num_samples=20 * gbs, seq_length=256, data=DataConfig())]
+    plans = [SegmentPlan(0, "pretraining", "pretrain", False), SegmentPlan(1, "pretraining", "continue", True),
+             SegmentPlan(2, "midtraining", "midtraining", False)]
+    runs = [segment_run(cfg, layout, "c", segs, plans, i) for i in range(3)]
+    assert [r["training"]["train_steps"] for r in runs] == [90, 10, 20]
+    assert [r.get("scheduler", {}).get("total_steps") for r in runs] == [100, 100, None]
+    assert "init" not in runs[0]
+    assert runs[1]["init"] == {"checkpoint": str(Path(layout.run_dir("c", "pretrain")) / "checkpoints"),
+                               "load_optimizer": True}
+    assert runs[2]["init"] == {"checkpoint": str(Path(layout.run_dir("c", "continue")) / "checkpoints"),
+                               "load_optimizer": False}
+    # The other scheduler settings of the study are kept.
+    assert runs[1]["scheduler"]["style"] == cfg.pretrain.settings["scheduler"]["style"]

@@ -137,3 +137,31 @@ def test_midtraining_with_longer_sequences(tmp_path, data, uninterrupted):
     assert len(losses) == 2 and all(np.isfinite(losses))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["initialised_from"].endswith("step_0000008")
+
+
+def test_a_phase_cut_in_two_follows_one_lr_schedule(tmp_path, data, uninterrupted):
+    """A final-fraction insertion cuts a phase in two runs with a data switch between them. Both
+    follow the phase's schedule (scheduler.total_steps); the second, started from the first's
+    checkpoint with init.load_optimizer, goes on where the first stopped."""
+    base = {"training.eval_interval": 4, "data.valid_blend": [{"prefix": data["valid"]}],
+            "scheduler.total_steps": STEPS}
+    first = run_config(tmp_path / "p1", data["a"], **base, **{"training.train_steps": 5})
+    torchrun(1, write_yaml(tmp_path / "p1.yaml", first))
+    # Part one is the uninterrupted run's first five steps, learning rates and losses alike.
+    ref = [r for r in _records(uninterrupted) if r["kind"] == "train"]
+    got1 = [r for r in _records(tmp_path / "p1" / "run") if r["kind"] == "train"]
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in got1] == [r[key] for r in ref[:5]], key
+
+    init = {"init.checkpoint": str(tmp_path / "p1" / "run" / "checkpoints"), "init.load_optimizer": True}
+    second = run_config(tmp_path / "p2", data["b"], **base, **init, **{"training.train_steps": STEPS - 5})
+    torchrun(1, write_yaml(tmp_path / "p2.yaml", second))
+    got2 = [r for r in _records(tmp_path / "p2" / "run") if r["kind"] == "train"]
+    assert [r["lr"] for r in got2] == [r["lr"] for r in ref[5:]]  # no second warmup, same decay
+    assert got2[-1]["lr"] == pytest.approx(run_config(tmp_path, data["a"])["optimizer"]["min_lr"])
+
+    # A continuation that would run past its schedule is refused before training.
+    over = run_config(tmp_path / "p3", data["b"], **{**base, "scheduler.total_steps": STEPS - 1}, **init,
+                      **{"training.train_steps": STEPS - 5})
+    p = torchrun(1, write_yaml(tmp_path / "p3.yaml", over), check=False)
+    assert p.returncode != 0 and "would run past the schedule's 7" in p.stdout + p.stderr
