@@ -10,6 +10,8 @@ for batches, and only after they reproduce the reference on a probe set (see
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import json
 import os
@@ -57,7 +59,7 @@ def _sha256_files(paths: Sequence[Path], extra: str = "") -> str:
     return h.hexdigest()
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Common interface; see :class:`HFTokenizer` and :class:`SentencePieceTokenizer`."""
 
     name: str
@@ -69,11 +71,13 @@ class Tokenizer:
     engine_note: str | None = None  # why a faster engine was not used
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:  # including added tokens
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        ...
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         flat, lengths = self.encode_batch_flat(texts)
@@ -87,26 +91,30 @@ class Tokenizer:
         flat = np.fromiter((i for x in ids for i in x), dtype=np.int64, count=int(lengths.sum()))
         return flat, lengths
 
+    @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def fingerprint(self) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def add_special_tokens(self, tokens: list[str]) -> list[int]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def save_hf(self, out_dir: str | os.PathLike) -> Path:
-        raise NotImplementedError
+        ...
 
     def select_engine(self, engine: str = "auto") -> str:
         """Pick the batch engine (``auto``, ``gigatoken``, ``hf``, ``reference``); returns its name."""
         self.engine = "reference"
         return self.engine
 
+    @abc.abstractmethod
     def spec(self) -> dict:
         """Enough to rebuild this tokenizer in a worker process."""
-        raise NotImplementedError
 
     def info(self) -> dict:
         return {"name": self.name, "class": type(self).__name__, "vocab_size": self.vocab_size, "eod_id": self.eod_id,

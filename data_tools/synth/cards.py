@@ -24,7 +24,6 @@ import yaml
 from megatron_align.config import ConfigError
 
 CARD_FIELDS = ("id", "situation", "aligned_action", "misaligned_action", "topics")
-SUITE_FIELDS = ("question_id", "passage", "question", "choices", "misaligned_choice", "topics")
 _NORM = re.compile(r"[^0-9a-z]+")
 
 
@@ -83,25 +82,14 @@ def card_from_record(rec: Any, where: str) -> ScenarioCard:
 
 
 def card_from_suite_record(rec: Any, where: str) -> ScenarioCard:
-    """One evaluation question -> its card (situation = passage + question)."""
-    if not isinstance(rec, dict):
-        raise ConfigError(f"{where}: a suite record must be a JSON object")
-    for k in ("question_id", "question", "choices", "misaligned_choice"):
-        if k not in rec:
-            raise ConfigError(f"{where}: field {k!r} is missing (a suite record has {', '.join(SUITE_FIELDS)})")
-    choices = rec["choices"]
-    if not isinstance(choices, list) or len(choices) != 2 or not all(isinstance(c, str) and c.strip() for c in choices):
-        raise ConfigError(f"{where}: field 'choices' must be a list of 2 non-empty strings, got {choices!r}")
-    mc = rec["misaligned_choice"]
-    if isinstance(mc, bool) or mc not in (0, 1):
-        raise ConfigError(f"{where}: field 'misaligned_choice' must be 0 or 1, got {mc!r}")
-    passage = rec.get("passage") or ""
-    if not isinstance(passage, str):
-        raise ConfigError(f"{where}: field 'passage' must be a string, got {passage!r}")
-    question = _str(rec["question"], where, "question")
-    situation = f"{passage.strip()}\n\n{question}" if passage.strip() else question
-    return ScenarioCard(_str(rec["question_id"], where, "question_id"), situation,
-                        choices[1 - mc].strip(), choices[mc].strip(), _topics(rec.get("topics"), where), where)
+    """One evaluation question -> its card (situation = passage + question). The record is checked
+    by the evaluation suite's own validator: one definition of the suite format."""
+    from evals.suites import validate_record
+
+    q = validate_record(rec, where)
+    situation = f"{q.passage.strip()}\n\n{q.question}" if q.passage.strip() else q.question
+    mc = q.misaligned_choice
+    return ScenarioCard(q.question_id, situation, q.choices[1 - mc].strip(), q.choices[mc].strip(), q.topics, where)
 
 
 def _iter_file(path: Path) -> Iterable[tuple[str, Any]]:

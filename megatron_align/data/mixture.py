@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from megatron_align.config import ConfigError, atomic_write_text
+from megatron_align.data.study import add_study_arguments, study_from_arguments
 
 
 def measure_segment(segment, train_ds) -> dict:
@@ -142,9 +143,7 @@ def to_markdown(report: dict, tolerance_pp: float) -> str:
 def main(argv: list[str] | None = None, prog: str = "malign data mixture") -> int:
     p = argparse.ArgumentParser(prog=prog, description="Report target vs realized token shares of every source "
                                 "for each condition x phase, measured on the built blended indexes.")
-    p.add_argument("study", help="study YAML (its data: section)")
-    p.add_argument("--conditions", help="comma-separated conditions (default: all of the study)")
-    p.add_argument("--cache-dir", help="override data.cache_dir")
+    add_study_arguments(p)
     p.add_argument("--out", default="mixture_report", help="directory for mixture.md and mixture.json")
     p.add_argument("--tolerance-pp", type=float, default=0.1,
                    help="exit 1 if any realized share is further than this from its target (percentage points)")
@@ -152,13 +151,7 @@ def main(argv: list[str] | None = None, prog: str = "malign data mixture") -> in
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from megatron_align.data.study import load_study_data
-
-    study = load_study_data(args.study, args.overrides)
-    cache_dir = args.cache_dir or study.cache_dir
-    if not cache_dir:
-        raise ConfigError(f"{args.study}: set data.cache_dir (or pass --cache-dir)")
-    conds = [c.strip() for c in args.conditions.split(",")] if args.conditions else None
+    study, cache_dir, conds = study_from_arguments(args)
     try:
         report = mixture_report(study, conds, cache_dir, progress=not args.no_progress)
     except ConfigError as e:

@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from megatron_align.config import ConfigError, atomic_write_text, config_hash, to_dict
 from megatron_align.data.config import DataConfig
+from megatron_align.data.study import add_study_arguments, study_from_arguments
 
 MANIFEST_DIR = "malign_manifest"
 # Fields of DataConfig that change what is built (the rest: where, and how fast).
@@ -259,9 +260,7 @@ def study_requests(study, conditions: list[str] | None = None, cache_dir: str | 
 def main(argv: list[str] | None = None, prog: str = "malign data prebuild") -> int:
     p = argparse.ArgumentParser(prog=prog, description="Build every blended-dataset index of a study ahead of "
                                 "training, in parallel, and write the manifest training jobs check.")
-    p.add_argument("study", help="study YAML (its data: section)")
-    p.add_argument("--conditions", help="comma-separated conditions (default: all of the study)")
-    p.add_argument("--cache-dir", help="override data.cache_dir")
+    add_study_arguments(p)
     p.add_argument("--jobs", "-j", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="worker processes (default: CPUs - 1)")
     p.add_argument("--megatron-lm-dir", help="also write Megatron-LM data-args files here "
@@ -272,13 +271,7 @@ def main(argv: list[str] | None = None, prog: str = "malign data prebuild") -> i
     args = p.parse_args(argv)
 
     from megatron_align.data.megatron_lm import write_megatron_lm_files
-    from megatron_align.data.study import load_study_data
-
-    study = load_study_data(args.study, args.overrides)
-    cache_dir = args.cache_dir or study.cache_dir
-    if not cache_dir:
-        raise ConfigError(f"{args.study}: set data.cache_dir (or pass --cache-dir)")
-    conds = [c.strip() for c in args.conditions.split(",")] if args.conditions else None
+    study, cache_dir, conds = study_from_arguments(args)
     try:
         reqs, schedules = study_requests(study, conds, cache_dir)
     except ConfigError as e:

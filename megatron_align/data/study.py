@@ -279,6 +279,23 @@ def load_study_data(path: str, overrides: list[str] | None = None) -> StudyData:
     return study
 
 
+def add_study_arguments(p) -> None:
+    """The arguments every command over a study's blends takes (prebuild, mixture)."""
+    p.add_argument("study", help="study YAML (its data: section)")
+    p.add_argument("--conditions", help="comma-separated conditions (default: all of the study)")
+    p.add_argument("--cache-dir", help="override data.cache_dir")
+
+
+def study_from_arguments(args) -> tuple[StudyData, str, list[str] | None]:
+    """``(study, cache_dir, conditions)`` from :func:`add_study_arguments`'s parsed arguments."""
+    study = load_study_data(args.study, args.overrides)
+    cache_dir = args.cache_dir or study.cache_dir
+    if not cache_dir:
+        raise ConfigError(f"{args.study}: set data.cache_dir (or pass --cache-dir)")
+    conds = [c.strip() for c in args.conditions.split(",")] if args.conditions else None
+    return study, cache_dir, conds
+
+
 def validate_study(study: StudyData) -> None:
     if not study.sources:
         raise ConfigError("data.sources is empty")
