@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -94,11 +95,11 @@ def test_tiny_study_on_local_slurm(tmp_path, slurm_cluster, wait_for_jobs, submi
     rc, st = _status(p, wd, capsys)
     assert rc == 1
     assert st[VICTIM]["state"] == "failed", {n: r["state"] for n, r in st.items()}
-    assert "FAILED with exit code" in open(st[VICTIM]["log"]).read()
+    assert "FAILED with exit code" in Path(st[VICTIM]["log"]).read_text()
     assert {n for n, r in st.items() if r["state"] == "cancelled"} == LOST - {VICTIM}
     assert {n for n, r in st.items() if r["state"] == "complete"} == set(jobs) - LOST
     # The training that finished ran as one 2-process job: DP=2 over gloo.
-    assert "world 2 (TP 1 PP 1 DP 2)" in open(st["pretrain_unfiltered"]["log"]).read()
+    assert "world 2 (TP 1 PP 1 DP 2)" in Path(st["pretrain_unfiltered"]["log"]).read_text()
 
     # Submitting again runs only the failed stage and what depended on it.
     assert submit_main([str(p), "--workdir", str(wd), "--cluster", str(cp)]) == 0
