@@ -96,6 +96,10 @@ class Proxy:
                 pass
 
             def _reply(self, status: int, body: bytes, ctype: str = "application/json", headers=None):
+                # A request stops counting as open before its answer goes out: the client's next
+                # request (on a new connection: HTTP/1.0) may otherwise arrive before this thread
+                # has counted it closed, and the proxy would see one more than the client sent.
+                self._close_count()
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -113,9 +117,15 @@ class Proxy:
                 with proxy.lock:
                     proxy.active += 1
                     proxy.max_active = max(proxy.max_active, proxy.active)
+                self._counted = True
                 try:
                     self._post(body)
                 finally:
+                    self._close_count()
+
+            def _close_count(self):
+                if getattr(self, "_counted", False):
+                    self._counted = False
                     with proxy.lock:
                         proxy.active -= 1
 
