@@ -88,16 +88,8 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
         return m(input_ids=tokens).logits
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc: int, script: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            str(script), *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -289,7 +289,7 @@ def test_parquet_without_text_column_and_bad_input_leaves_nothing(tmp_path, neox
 
 
 def test_memory_does_not_grow_with_input(tmp_path, neox_tok):
-    """Peak Python-side allocations are the same for an input 3x larger (no whole-file loads)."""
+    """Peak Python-side allocations do not grow with an input 3x larger (no whole-file loads)."""
     import tracemalloc
 
     docs = make_docs(7500, seed=77, min_words=100, max_words=400)
@@ -304,6 +304,9 @@ def test_memory_does_not_grow_with_input(tmp_path, neox_tok):
         tracemalloc.stop()
         assert st["documents"] == (2500 if name == "small" else 7500)
     size = (tmp_path / "large.jsonl").stat().st_size
+    extra = size - (tmp_path / "small.jsonl").stat().st_size
     assert size > 12e6
-    assert peaks["large"] < 1.3 * peaks["small"], peaks
+    # How many finished batches wait in the parent at the peak depends on scheduling (a few
+    # batch_bytes either way); holding even a quarter of the extra 9 MB of input would show.
+    assert peaks["large"] < peaks["small"] + extra / 4, (peaks, extra)
     assert peaks["large"] < size / 2, (peaks, size)

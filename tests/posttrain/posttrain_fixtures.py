@@ -67,11 +67,11 @@ def run_malign(args: list[str], nproc: int = 1, timeout: int = 600):
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-    from helpers import REPO, free_port
+    from helpers import REPO
 
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={free_port()}", "-m", "megatron_align.cli", *args]
+               "--standalone", "-m", "megatron_align.cli", *args]
     else:
         cmd = [sys.executable, "-m", "megatron_align.cli", *args]
     # An in-process test may have set MASTER_PORT etc. in this process: never hand those down.

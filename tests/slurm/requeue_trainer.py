@@ -2,7 +2,8 @@
 
 Takes N steps of gradient descent on (w-3)^2 plus a step-dependent nudge; on SIGUSR1/SIGTERM (or at
 --stop-at STEP, for tests without a signal) it saves a checkpoint and exits 99, and on the next
-start it resumes from that checkpoint. Each start appends its first step to starts.txt. Under
+start it resumes from that checkpoint. ``--wait-at STEP`` holds the first start at that step until a
+signal arrives, so a test's signal always lands mid-run however slowly it is delivered. Each start appends its first step to starts.txt. Under
 torchrun every rank computes the same thing and only rank 0 writes files.
 """
 
@@ -17,6 +18,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("steps", type=int)
 ap.add_argument("--stop-at", type=int, default=None)
 ap.add_argument("--sleep", type=float, default=0.0)
+ap.add_argument("--wait-at", type=int, default=None)
 args = ap.parse_args()
 CKPT = "ckpt.json"
 WRITER = os.environ.get("RANK", "0") == "0"
@@ -36,6 +38,10 @@ signal.signal(signal.SIGUSR1, _on_signal)
 signal.signal(signal.SIGTERM, _on_signal)
 first = state["step"]
 while state["step"] < args.steps:
+    if args.wait_at is not None and state["step"] == args.wait_at and first < args.wait_at:
+        deadline = time.time() + 600
+        while not stop and time.time() < deadline:
+            time.sleep(0.05)
     if stop or (args.stop_at is not None and state["step"] == args.stop_at and first < args.stop_at):
         if WRITER:
             with open(CKPT + ".tmp", "w") as f:

@@ -28,7 +28,7 @@ def _states(g):
     return {r["stage"]: r for r in collect_status(graph, wd)["stages"]}
 
 
-def _array_tasks(job_id, timeout: float = 15.0) -> set[str]:
+def _array_tasks(job_id, timeout: float = 60.0) -> set[str]:
     """The array tasks sacct recorded for ``job_id`` (records appear a moment after the jobs end)."""
     deadline = time.time() + timeout
     while True:
@@ -52,7 +52,8 @@ def test_graph_with_array_and_two_process_training_completes(tmp_path, slurm_clu
            "d.get_rank()==0 and pathlib.Path('trained.txt').write_text(f'{d.get_world_size()} {x.item()}'); "
            "d.barrier(); d.destroy_process_group()")
     graph = {"name": "tiny", "workdir": "work", "stages": [
-        {"name": "hold", "command": ["sleep", "3"]},
+        # Waits for the test to look at the queue: until then every later job is pending on it.
+        {"name": "hold", "command": ["bash", "-c", "until [ -e go ]; do sleep 0.2; done"]},
         {"name": "shards", "command": ["python", "-c", shard], "array": 3, "outputs": ["shards"], "after": ["hold"]},
         {"name": "merge", "command": ["python", "-c", "import pathlib; pathlib.Path('merged.txt').write_text("
                                       "str(sum(int(p.read_text()) for p in pathlib.Path('shards').iterdir())))"],
@@ -68,6 +69,7 @@ def test_graph_with_array_and_two_process_training_completes(tmp_path, slurm_clu
     assert f"Dependency=afterok:{jobs['hold']}" in _show_job(jobs["shards"])
     assert f"Dependency=afterok:{jobs['shards']}_*" in _show_job(jobs["merge"])
     assert f"Dependency=afterok:{jobs['merge']}" in _show_job(jobs["train"])
+    (wd / "go").touch()
     wait_for_jobs(jobs.values())
     # One array job of three tasks, as Slurm's accounting recorded it.
     assert _array_tasks(jobs["shards"]) == {f"{jobs['shards']}_{i}" for i in range(3)}
@@ -117,14 +119,14 @@ def test_preempted_training_requeues_and_resumes_to_the_same_loss(tmp_path, slur
     if backend == "nemo-run":
         pytest.importorskip("nemo_run", reason="nemo-run is an optional extra: pip install '.[nemo-run]'")
     graph = {"name": "preempt", "workdir": "work", "stages": [
-        {"name": "train", "command": ["python", str(TRAINER), "120", "--sleep", "0.05"], "requeue": True,
-         "nproc": nproc, "resources": "gpu-train", "outputs": ["final.json"]}]}
+        {"name": "train", "command": ["python", str(TRAINER), "120", "--sleep", "0.05", "--wait-at", "20"],
+         "requeue": True, "nproc": nproc, "resources": "gpu-train", "outputs": ["final.json"]}]}
     g, c = _files(tmp_path, graph, slurm_cluster)
     assert submit_main([str(g), "--cluster", str(c), "--backend", backend]) == 0
     wd = tmp_path / "work"
     job = submission(wd)["stages"]["train"]["job_id"]
     deadline = time.time() + 120
-    while time.time() < deadline:  # let it get well into the run
+    while time.time() < deadline:  # let it get well into the run: it waits at step 20 for the signal
         p = wd / "progress"
         if p.exists() and p.read_text() and int(p.read_text()) >= 20:
             break
@@ -212,12 +214,14 @@ def test_preempted_megatron_training_on_two_ranks_resumes_to_the_same_losses(tmp
     that was never interrupted."""
     from helpers import read_losses, run_config, torchrun, write_indexed, write_yaml
 
-    steps = 60
-    data = write_indexed(tmp_path / "data" / "a", pattern="counting", num_docs=400, seed=1)
-    cfg = run_config(tmp_path / "work", data, **{"training.train_steps": steps, "training.global_batch_size": 8,
-                                                 "training.micro_batch_size": 2, "checkpoint.save_interval": None})
-    ref_cfg = run_config(tmp_path / "ref", data, **{"training.train_steps": steps, "training.global_batch_size": 8,
-                                                    "training.micro_batch_size": 2, "checkpoint.save_interval": None})
+    # Steps of 256 tokens (~0.1 s here): the signal, sent after step 5, lands long before step 120
+    # even when its delivery through slurmctld, the batch shell and torchrun is slow.
+    steps = 120
+    data = write_indexed(tmp_path / "data" / "a", pattern="counting", num_docs=2000, seed=1)
+    over = {"training.train_steps": steps, "training.global_batch_size": 8, "training.micro_batch_size": 2,
+            "training.seq_length": 256, "checkpoint.save_interval": None}
+    cfg = run_config(tmp_path / "work", data, **over)
+    ref_cfg = run_config(tmp_path / "ref", data, **over)
     config = write_yaml(tmp_path / "train.yaml", cfg)
     graph = {"name": "preempt-megatron", "workdir": "work", "stages": [
         {"name": "train", "command": ["python", "-m", "megatron_align.training.cli", str(config)], "requeue": True,
@@ -230,7 +234,7 @@ def test_preempted_megatron_training_on_two_ranks_resumes_to_the_same_losses(tmp
     job = submission(wd)["stages"]["train"]["job_id"]
     log = wd / "run" / "logs" / "train.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline:  # let it get well into the run
+    while time.time() < deadline:  # let it get into the run
         if log.is_file() and sum('"kind": "train"' in r for r in log.read_text().splitlines()) >= 5:
             break
         time.sleep(0.1)
@@ -242,7 +246,7 @@ def test_preempted_megatron_training_on_two_ranks_resumes_to_the_same_losses(tmp
     torchrun(2, write_yaml(tmp_path / "ref.yaml", ref_cfg))
     got, want = read_losses(wd / "run"), read_losses(tmp_path / "ref" / "run")
     assert len(want) == steps and got[-steps:] == want  # bit-identical, step for step
-    # Each step was logged once: steps 1..k by the first start, k+1..60 after the requeue.
+    # Each step was logged once: steps 1..k by the first start, k+1..120 after the requeue.
     assert [json.loads(r)["step"] for r in log.read_text().splitlines() if '"kind": "train"' in r] == list(
         range(1, steps + 1))
     text = Path(_states(g)["train"]["log"]).read_text()

@@ -147,6 +147,9 @@ def test_status_of_a_killed_run_says_interrupted(tmp_path, capsys):
         if rec.exists() and json.loads(rec.read_text())["stages"]["slow"]["state"] == "running":
             break
         time.sleep(0.1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("stage 'slow' never started running")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     capsys.readouterr()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import yaml
 
 from megatron_align.study.config import ASSET_DIR, preset_path
@@ -31,6 +33,7 @@ def short_tiny(tmp_path):
     return p
 
 
+@pytest.mark.timeout(2400)  # most of the study: 8-20 min on a loaded 2-core machine
 def test_short_tiny_study_end_to_end(tmp_path, capsys):
     study = short_tiny(tmp_path)
     wd = tmp_path / "work"

@@ -50,6 +50,7 @@ def _status(p, wd, capsys) -> tuple[int, dict]:
 
 
 @pytest.mark.slurm
+@pytest.mark.timeout(3600)  # its own waits are the limits; a loaded machine may need them
 def test_tiny_study_on_local_slurm(tmp_path, slurm_cluster, wait_for_jobs, submission, capsys):
     p = short_tiny(tmp_path)
     raw = yaml.safe_load(p.read_text())
@@ -88,9 +89,12 @@ def test_tiny_study_on_local_slurm(tmp_path, slurm_cluster, wait_for_jobs, submi
         assert _queued(jobs[VICTIM]), f"{VICTIM} ended before it could be killed:\n{_show_job(jobs[VICTIM])}"
         time.sleep(0.5)
         pids = _workers('"condition": "alignment_upsampled"')
-    time.sleep(3)
-    for pid in _workers('"condition": "alignment_upsampled"'):
-        os.kill(pid, signal.SIGKILL)
+    time.sleep(3)  # let both ranks start training
+    for pid in _workers('"condition": "alignment_upsampled"') or pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     wait_for_jobs(jobs.values(), timeout=1500)
     rc, st = _status(p, wd, capsys)
     assert rc == 1

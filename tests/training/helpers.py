@@ -67,17 +67,9 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     return path
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc: int, config: Path, *extra: str, timeout: int = 600, env: dict | None = None,
              check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            "-m", "megatron_align.training.cli", str(config), *extra]
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=REPO)

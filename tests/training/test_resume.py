@@ -16,7 +16,10 @@ import pytest
 
 from helpers import REPO, read_losses, run_config, torchrun, write_indexed, write_yaml
 
-STEPS = 8
+# Long enough that the SIGTERM, sent once two steps are logged, lands mid-run even when the test
+# process is descheduled for a few seconds on a loaded machine (a tiny step takes ~20 ms).
+STEPS = 40
+EVAL = 10
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +39,14 @@ def _records(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data):
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    cfg = run_config(tmp, data["a"], **{"training.train_steps": STEPS, "training.eval_interval": 4,
+    cfg = run_config(tmp, data["a"], **{"training.train_steps": STEPS, "training.eval_interval": EVAL,
                                          "data.valid_blend": [{"prefix": data["valid"]}]})
     torchrun(1, write_yaml(tmp / "run.yaml", cfg))
     return tmp / "run"
 
 
 def test_sigterm_then_resume_is_bit_identical(tmp_path, data, uninterrupted):
-    cfg = run_config(tmp_path, data["a"], **{"training.train_steps": STEPS, "training.eval_interval": 4,
+    cfg = run_config(tmp_path, data["a"], **{"training.train_steps": STEPS, "training.eval_interval": EVAL,
                                              "data.valid_blend": [{"prefix": data["valid"]}]})
     config = write_yaml(tmp_path / "run.yaml", cfg)
     run_dir = tmp_path / "run"
@@ -56,6 +59,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, data, uninterrupted):
         if log.is_file() and sum(1 for r in log.read_text().splitlines() if '"train"' in r) >= 2:
             break
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be signalled: " + proc.stdout.read()[-3000:]
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 99, out[-3000:]
@@ -123,7 +127,7 @@ def test_continued_pretraining_starts_from_loaded_weights(tmp_path, data, uninte
     assert first["step"] == 0
     assert first["eval_loss"] == pytest.approx(source_last_eval, abs=1e-6)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["initialised_from"].endswith("step_0000008")
+    assert summary["initialised_from"].endswith(f"step_{STEPS:07d}")
 
 
 def test_midtraining_with_longer_sequences(tmp_path, data, uninterrupted):
@@ -136,14 +140,14 @@ def test_midtraining_with_longer_sequences(tmp_path, data, uninterrupted):
     losses = read_losses(tmp_path / "run")
     assert len(losses) == 2 and all(np.isfinite(losses))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["initialised_from"].endswith("step_0000008")
+    assert summary["initialised_from"].endswith(f"step_{STEPS:07d}")
 
 
 def test_a_phase_cut_in_two_follows_one_lr_schedule(tmp_path, data, uninterrupted):
     """A final-fraction insertion cuts a phase in two runs with a data switch between them. Both
     follow the phase's schedule (scheduler.total_steps); the second, started from the first's
     checkpoint with init.load_optimizer, goes on where the first stopped."""
-    base = {"training.eval_interval": 4, "data.valid_blend": [{"prefix": data["valid"]}],
+    base = {"training.eval_interval": EVAL, "data.valid_blend": [{"prefix": data["valid"]}],
             "scheduler.total_steps": STEPS}
     first = run_config(tmp_path / "p1", data["a"], **base, **{"training.train_steps": 5})
     torchrun(1, write_yaml(tmp_path / "p1.yaml", first))
@@ -164,4 +168,4 @@ def test_a_phase_cut_in_two_follows_one_lr_schedule(tmp_path, data, uninterrupte
     over = run_config(tmp_path / "p3", data["b"], **{**base, "scheduler.total_steps": STEPS - 1}, **init,
                       **{"training.train_steps": STEPS - 5})
     p = torchrun(1, write_yaml(tmp_path / "p3.yaml", over), check=False)
-    assert p.returncode != 0 and "would run past the schedule's 7" in p.stdout + p.stderr
+    assert p.returncode != 0 and f"would run past the schedule's {STEPS - 1}" in p.stdout + p.stderr
