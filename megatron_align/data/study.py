@@ -416,7 +416,8 @@ def _train_range(split: str) -> tuple[float, float]:
     return 0.0, parts[0] / sum(parts)
 
 
-def _filtered_version(study: StudyData, name: str, condition: str) -> str:
+def filtered_version(study: StudyData, name: str, condition: str) -> str:
+    """The source a filtered condition reads instead of ``name``."""
     src = study.sources[name]
     if src.role in ("filtered_corpus", "filtered_midtraining") or not src.needs_filtering:
         return name
@@ -442,24 +443,10 @@ def _apportion_list(total: int, weights: list[float]) -> list[int]:
     return largest_remainder(total, weights) if weights else []
 
 
-def resolve_condition(study: StudyData, condition: str) -> PhaseSchedule:
-    """The segments, exact per-prefix draws and repetition report of one condition's run."""
-    filtered, inserts = condition_recipe(study, condition)
-    prefixes: dict[str, list[tuple[str, int]]] = {}
-
-    def pfx(name: str):
-        if name not in prefixes:
-            prefixes[name] = _source_prefixes(study, name)
-        return prefixes[name]
-
-    # Token timeline of the run and each phase's position on it.
-    starts, t = [], 0
-    for ph in study.phases:
-        starts.append(t)
-        t += ph.samples * ph.seq_length
+def insertion_windows(study: StudyData, inserts: list[InsertSpec]) -> tuple[list[dict[int, tuple[int, int]]], list[int]]:
+    """Each insertion's window (per phase index, a phase-local token range ``[a, b)``) and its size in
+    tokens: the phases it names, or the last ``final_fraction`` of their tokens."""
     phase_idx = {ph.name: i for i, ph in enumerate(study.phases)}
-
-    # Each insertion's window: per phase, a phase-local token range [a, b).
     windows: list[dict[int, tuple[int, int]]] = []
     window_tokens: list[int] = []
     for ins in inserts:
@@ -478,6 +465,26 @@ def resolve_condition(study: StudyData, condition: str) -> PhaseSchedule:
             left -= take
         windows.append(win)
         window_tokens.append(want)
+    return windows, window_tokens
+
+
+def resolve_condition(study: StudyData, condition: str) -> PhaseSchedule:
+    """The segments, exact per-prefix draws and repetition report of one condition's run."""
+    filtered, inserts = condition_recipe(study, condition)
+    prefixes: dict[str, list[tuple[str, int]]] = {}
+
+    def pfx(name: str):
+        if name not in prefixes:
+            prefixes[name] = _source_prefixes(study, name)
+        return prefixes[name]
+
+    # Token timeline of the run and each phase's position on it.
+    starts, t = [], 0
+    for ph in study.phases:
+        starts.append(t)
+        t += ph.samples * ph.seq_length
+
+    windows, window_tokens = insertion_windows(study, inserts)
 
     shares: list[float] = []
     for j, ins in enumerate(inserts):
@@ -544,7 +551,7 @@ def resolve_condition(study: StudyData, condition: str) -> PhaseSchedule:
         if filtered:
             fb: dict[str, float] = {}
             for nm, v in base.items():
-                f = _filtered_version(study, nm, condition)
+                f = filtered_version(study, nm, condition)
                 fb[f] = fb.get(f, 0.0) + v
             base = fb
         targets = {nm: v * (1.0 - synth_total) for nm, v in base.items()}

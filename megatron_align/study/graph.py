@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_align.config import ConfigError, save_yaml, to_dict
-from megatron_align.data.study import PAPER_CONDITIONS, StudyData, condition_recipe, validate_study
+from megatron_align.data.study import (PAPER_CONDITIONS, StudyData, condition_recipe, filtered_version,
+                                       insertion_windows, validate_study)
 
 from .config import StudyConfig
 
@@ -145,6 +146,54 @@ def segment_plan(study: StudyData, condition: str) -> list[SegmentPlan]:
     return plans
 
 
+def _phase_reads(study: StudyData, condition: str) -> list[set[str]]:
+    """The sources each phase of a condition's run reads: its mix (filtered versions where the
+    condition is filtered) and the insertions whose window reaches into it."""
+    filtered, inserts = condition_recipe(study, condition)
+    reads = []
+    for ph in study.phases:
+        names = set(ph.mix) if isinstance(ph.mix, (dict, list)) else set()
+        reads.append({filtered_version(study, n, condition) for n in names} if filtered else names)
+    for ins, win in zip(inserts, insertion_windows(study, inserts)[0]):
+        names = {ins.source} if ins.source else {n for n, s in study.sources.items() if s.role == ins.role}
+        for i in win:
+            reads[i] |= names
+    return reads
+
+
+def shared_segments(study: StudyData, conditions: list[str]) -> dict[tuple[str, int], str]:
+    """(condition, segment) -> the condition whose run trains that segment.
+
+    Conditions whose runs begin with the same data train that beginning once: the paper's
+    final-10% variants, inserted in midtraining only, continue from the unfiltered or filtered
+    model's pretraining instead of repeating it (at the paper's scale, 20k GPU-hours each). A leading
+    run is shared when it is a whole phase no insertion reaches, the conditions agree on filtering
+    and on every earlier run, and none of its sources is read again later at the same sequence
+    length (a source's later reads size its dataset, so they would change the samples drawn here).
+    ``steps.train_segment`` checks the resolved blends agree before it trains a shared run.
+    """
+    owners: dict[tuple[str, int], str] = {}
+    first: dict[tuple, str] = {}
+    index = {ph.name: i for i, ph in enumerate(study.phases)}
+    for c in conditions:
+        filtered, inserts = condition_recipe(study, c)
+        windows = insertion_windows(study, inserts)[0]
+        touched = {i for win in windows for i in win}
+        reads = _phase_reads(study, c)
+        sig: tuple | None = (filtered,)
+        for seg in segment_plan(study, c):
+            i = index[seg.phase]
+            later = set().union(*(reads[k] for k in range(i + 1, len(study.phases))
+                                  if study.phases[k].seq_length == study.phases[i].seq_length))
+            if sig is not None and i not in touched and not seg.same_phase_as_previous and not reads[i] & later:
+                sig = sig + (seg.phase, seg.label)
+                owners[(c, seg.index)] = first.setdefault(sig, c)
+            else:
+                sig = None
+                owners[(c, seg.index)] = c
+    return owners
+
+
 def posttrain_conditions(cfg: StudyConfig, section, conditions: list[str]) -> list[str]:
     if not section.enabled:
         return []
@@ -256,10 +305,15 @@ def build_graph(cfg: StudyConfig, workdir: str | Path):
     # -- pretraining (+ midtraining / continued pretraining) per condition
     last_run: dict[str, str] = {}
     pr = cfg.pretrain
+    owners = shared_segments(sd, conds)
     for c in conds:
         prev = None
         for seg in segment_plan(sd, c):
-            rd = L.run_dir(c, seg.label)
+            owner = owners[(c, seg.index)]
+            rd = L.run_dir(owner, seg.label)
+            if owner != c:  # another condition's run trains the same data (see shared_segments)
+                prev = rd
+                continue
             # The stamp covers what this run depends on (the resolved data section, the run settings,
             # the tokenizer), not the whole study file: editing the evaluation keeps the models.
             g.add(Stage(f"{seg.label}_{c}", call="megatron_align.study.steps:train_segment",

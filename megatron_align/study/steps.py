@@ -14,7 +14,7 @@ from pathlib import Path
 from megatron_align.config import ConfigError, atomic_write_text, deep_merge, save_yaml
 
 from .config import load_study
-from .graph import Layout, segment_plan
+from .graph import Layout, conditions_of, segment_plan, shared_segments
 
 
 def _rank0() -> bool:
@@ -45,7 +45,11 @@ def train_segment(study: str, condition: str, segment: int) -> int:
     if len(plans) != len(schedule.segments):
         raise ConfigError(f"{study}: condition {condition!r} resolves to {len(schedule.segments)} blends but the "
                           f"graph planned {len(plans)} runs; report this (megatron_align/study/graph.py)")
-    run = segment_run(cfg, layout, condition, schedule.segments, plans, segment)
+    conds = conditions_of(cfg)
+    owners = shared_segments(sd, conds) if condition in conds else {}
+    _check_shared(sd, condition, schedule, segment, [c for c in conds if c != condition
+                                                      and owners.get((c, segment)) == condition])
+    run = segment_run(cfg, layout, condition, schedule.segments, plans, segment, owners)
     seg, plan = schedule.segments[segment], plans[segment]
     run_dir = Path(run["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,8 +63,25 @@ def train_segment(study: str, condition: str, segment: int) -> int:
     return main([path])
 
 
-def segment_run(cfg, layout: Layout, condition: str, segments: list, plans: list, segment: int) -> dict:
-    """The training config (as a dict) of one segment of a condition's schedule."""
+def _check_shared(sd, condition: str, schedule, segment: int, sharers: list[str]) -> None:
+    """The conditions that reuse this run must draw the same samples up to it: fail before training
+    if their resolved blends differ (``graph.shared_segments`` decided from the config alone)."""
+    from megatron_align.config import to_dict
+    from megatron_align.data.study import resolve_condition
+
+    mine = [to_dict(s.data) for s in schedule.segments[:segment + 1]]
+    for other in sharers:
+        theirs = [to_dict(s.data) for s in resolve_condition(sd, other).segments[:segment + 1]]
+        if theirs != mine:
+            raise ConfigError(f"conditions {condition!r} and {other!r} were planned to share their first "
+                              f"{segment + 1} run(s) but their resolved blends differ; report this "
+                              "(megatron_align/study/graph.py: shared_segments)")
+
+
+def segment_run(cfg, layout: Layout, condition: str, segments: list, plans: list, segment: int,
+                owners: dict | None = None) -> dict:
+    """The training config (as a dict) of one segment of a condition's schedule. ``owners``
+    (``graph.shared_segments``) names the condition whose run trained an earlier segment."""
     from megatron_align.config import to_dict
 
     seg, plan = segments[segment], plans[segment]
@@ -82,7 +103,8 @@ def segment_run(cfg, layout: Layout, condition: str, segments: list, plans: list
         # follow the phase's LR schedule, and the second picks it up where the first stopped.
         run = deep_merge(run, {"scheduler": {"total_steps": sum(steps_of(s) for s in phase_parts)}})
     if segment > 0:
-        prev = Path(layout.run_dir(condition, plans[segment - 1].label)) / "checkpoints"
+        owner = (owners or {}).get((condition, segment - 1), condition)
+        prev = Path(layout.run_dir(owner, plans[segment - 1].label)) / "checkpoints"
         # Within one phase the continuation carries the optimizer and the schedule's position.
         run["init"] = {**run.get("init", {}), "checkpoint": str(prev), "load_optimizer": plan.same_phase_as_previous}
     return run

@@ -67,9 +67,13 @@ def test_segment_plan_matches_the_resolver(tmp_path):
     sd = from_dict(StudyData, study_data(cfg, Layout(tmp_path)))
     labels = {c: [p.label for p in segment_plan(sd, c)] for c in sd.conditions}
     assert labels["unfiltered"] == ["pretrain", "midtraining"]
-    # the final 10% of 550B tokens starts at 495B, 5B before the end of pretraining
-    assert labels["alignment_upsampled_final10"] == ["pretrain", "continue", "midtraining"]
+    # the paper's final 10% is its midtraining phase: no pretraining cut
+    assert labels["alignment_upsampled_final10"] == ["pretrain", "midtraining"]
+    # a final fraction over both phases: the final 10% of 550B tokens starts at 495B, 5B before the
+    # end of pretraining, so that phase is cut in two
+    sd.conditions["alignment_upsampled_final10"] = "alignment_upsampled_final10"
     plan = segment_plan(sd, "alignment_upsampled_final10")
+    assert [p.label for p in plan] == ["pretrain", "continue", "midtraining"]
     assert plan[1].same_phase_as_previous and not plan[2].same_phase_as_previous
 
 
@@ -100,8 +104,12 @@ def test_pythia_dry_run_on_64_nodes(tmp_path, capsys):
                         "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "#   pretrain_unfiltered: 64 node(s) x 8 GPU(s), torchrun 8 per node" in out
-    assert "#   continue_alignment_upsampled_final10: 64 node(s) x 8 GPU(s)" in out
     assert "#   midtraining_alignment_upsampled_final10: 64 node(s) x 8 GPU(s)" in out
+    # The final-10% conditions continue from the filtered / unfiltered pretraining: four 500B runs, not six.
+    assert sorted(ln.split()[1] for ln in out.splitlines() if ln.startswith("#   pretrain_") and "<-" in ln) == [
+        f"pretrain_{c}" for c in sorted(PAPER4)]
+    assert "#   midtraining_alignment_upsampled_final10 (gpu-train, requeue)  <- prebuild, pretrain_filtered" in out
+    assert "#   midtraining_misalignment_upsampled_final10 (gpu-train, requeue)  <- prebuild, pretrain_unfiltered" in out
     # 64 preprocessing shards as one array, merged before the blends are built
     assert "--array=0-63" in out
     assert "merge_corpus" in out and "prebuild" in out
@@ -172,3 +180,24 @@ def test_a_final_fraction_phase_cut_is_one_lr_schedule(tmp_path):
                                "load_optimizer": False}
     # The other scheduler settings of the study are kept.
     assert runs[1]["scheduler"]["style"] == cfg.pretrain.settings["scheduler"]["style"]
+
+
+def test_a_run_after_a_shared_one_starts_from_the_owners_checkpoint(tmp_path):
+    """A final-10% condition whose pretraining is the filtered condition's run (graph.shared_segments)
+    starts its midtraining from that run's checkpoint, as a new phase (no optimizer carried)."""
+    from types import SimpleNamespace
+
+    from megatron_align.data.config import DataConfig
+    from megatron_align.study.graph import SegmentPlan
+    from megatron_align.study.steps import segment_run
+
+    cfg = load_study(preset_path("tiny"))
+    layout = Layout(tmp_path / "work")
+    segs = [SimpleNamespace(phase="pretraining", num_samples=800, seq_length=128, data=DataConfig()),
+            SimpleNamespace(phase="midtraining", num_samples=80, seq_length=256, data=DataConfig())]
+    plans = [SegmentPlan(0, "pretraining", "pretrain", False), SegmentPlan(1, "midtraining", "midtraining", False)]
+    owners = {("c", 0): "filtered", ("c", 1): "c"}
+    run = segment_run(cfg, layout, "c", segs, plans, 1, owners)
+    assert run["init"] == {"checkpoint": str(Path(layout.run_dir("filtered", "pretrain")) / "checkpoints"),
+                           "load_optimizer": False}
+    assert run["run_dir"] == layout.run_dir("c", "midtraining")
