@@ -98,6 +98,13 @@ class RunSection:
 
 
 @dataclass
+class PretrainSection(RunSection):
+    share_runs: bool = True
+    """Conditions whose runs begin with the same data train that beginning once
+    (``graph.shared_segments``); false trains every condition's runs on its own."""
+
+
+@dataclass
 class PostTrainSection(RunSection):
     enabled: bool = True
     train: list[str] = field(default_factory=list)
@@ -143,7 +150,7 @@ class StudyConfig:
     conditions: list[str] | None = None
     """Conditions to run (default: all of data.conditions)."""
     filter: FilterSection = field(default_factory=FilterSection)
-    pretrain: RunSection = field(default_factory=RunSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
     sft: PostTrainSection = field(default_factory=PostTrainSection)
     dpo: PostTrainSection = field(default_factory=PostTrainSection)
     export: ExportSection = field(default_factory=ExportSection)

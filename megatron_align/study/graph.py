@@ -161,6 +161,19 @@ def _phase_reads(study: StudyData, condition: str) -> list[set[str]]:
     return reads
 
 
+def _overlap(study: StudyData, a: set[str], b: set[str]) -> bool:
+    """Whether two sets of sources may read a common prefix: the same name, or path patterns that
+    are equal or match each other (``corpus: web_*`` and ``mid: web_00``)."""
+    import fnmatch
+    import os
+
+    if a & b:
+        return True
+    pa = {os.path.normpath(p) for n in a for p in study.sources[n].paths}
+    pb = {os.path.normpath(p) for n in b for p in study.sources[n].paths}
+    return any(x == y or fnmatch.fnmatch(x, y) or fnmatch.fnmatch(y, x) for x in pa for y in pb)
+
+
 def shared_segments(study: StudyData, conditions: list[str]) -> dict[tuple[str, int], str]:
     """(condition, segment) -> the condition whose run trains that segment.
 
@@ -168,30 +181,37 @@ def shared_segments(study: StudyData, conditions: list[str]) -> dict[tuple[str, 
     final-10% variants, inserted in midtraining only, continue from the unfiltered or filtered
     model's pretraining instead of repeating it (at the paper's scale, 20k GPU-hours each). A leading
     run is shared when it is a whole phase no insertion reaches, the conditions agree on filtering
-    and on every earlier run, and none of its sources is read again later at the same sequence
-    length (a source's later reads size its dataset, so they would change the samples drawn here).
-    ``steps.train_segment`` checks the resolved blends agree before it trains a shared run.
+    and on every earlier run, and none of its prefixes is read again later at the same sequence
+    length (a prefix's later reads size its dataset, so they would change the samples drawn here).
+    The run belongs to a condition without insertions where there is one (``filtered`` rather than
+    a variant), else to the first listed. ``steps.train_segment`` checks that the resolved blends
+    agree, on both sides, before it trains.
     """
-    owners: dict[tuple[str, int], str] = {}
-    first: dict[tuple, str] = {}
     index = {ph.name: i for i, ph in enumerate(study.phases)}
-    for c in conditions:
+    sigs: dict[tuple[str, int], tuple | None] = {}
+    rank: dict[str, tuple[bool, int]] = {}
+    for order, c in enumerate(conditions):
         filtered, inserts = condition_recipe(study, c)
-        windows = insertion_windows(study, inserts)[0]
-        touched = {i for win in windows for i in win}
+        rank[c] = (bool(inserts), order)
+        touched = {i for win in insertion_windows(study, inserts)[0] for i in win}
         reads = _phase_reads(study, c)
+        plans = segment_plan(study, c)
         sig: tuple | None = (filtered,)
-        for seg in segment_plan(study, c):
+        for seg in plans:
             i = index[seg.phase]
             later = set().union(*(reads[k] for k in range(i + 1, len(study.phases))
                                   if study.phases[k].seq_length == study.phases[i].seq_length))
-            if sig is not None and i not in touched and not seg.same_phase_as_previous and not reads[i] & later:
+            cut = seg.same_phase_as_previous or (seg.index + 1 < len(plans) and plans[seg.index + 1].same_phase_as_previous)
+            if sig is not None and i not in touched and not cut and not _overlap(study, reads[i], later):
                 sig = sig + (seg.phase, seg.label)
-                owners[(c, seg.index)] = first.setdefault(sig, c)
             else:
                 sig = None
-                owners[(c, seg.index)] = c
-    return owners
+            sigs[(c, seg.index)] = sig
+    owner_of: dict[tuple, str] = {}
+    for key, sig in sigs.items():
+        if sig is not None and (sig not in owner_of or rank[key[0]] < rank[owner_of[sig]]):
+            owner_of[sig] = key[0]
+    return {key: (owner_of[sig] if sig is not None else key[0]) for key, sig in sigs.items()}
 
 
 def posttrain_conditions(cfg: StudyConfig, section, conditions: list[str]) -> list[str]:
@@ -305,11 +325,11 @@ def build_graph(cfg: StudyConfig, workdir: str | Path):
     # -- pretraining (+ midtraining / continued pretraining) per condition
     last_run: dict[str, str] = {}
     pr = cfg.pretrain
-    owners = shared_segments(sd, conds)
+    owners = shared_segments(sd, conds) if pr.share_runs else {}
     for c in conds:
         prev = None
         for seg in segment_plan(sd, c):
-            owner = owners[(c, seg.index)]
+            owner = owners.get((c, seg.index), c)
             rd = L.run_dir(owner, seg.label)
             if owner != c:  # another condition's run trains the same data (see shared_segments)
                 prev = rd

@@ -46,9 +46,12 @@ def train_segment(study: str, condition: str, segment: int) -> int:
         raise ConfigError(f"{study}: condition {condition!r} resolves to {len(schedule.segments)} blends but the "
                           f"graph planned {len(plans)} runs; report this (megatron_align/study/graph.py)")
     conds = conditions_of(cfg)
-    owners = shared_segments(sd, conds) if condition in conds else {}
+    owners = shared_segments(sd, conds) if condition in conds and cfg.pretrain.share_runs else {}
     _check_shared(sd, condition, schedule, segment, [c for c in conds if c != condition
                                                       and owners.get((c, segment)) == condition])
+    if segment > 0 and owners.get((condition, segment - 1), condition) != condition:
+        # This run continues another condition's: its draws so far must be that run's.
+        _check_shared(sd, condition, schedule, segment - 1, [owners[(condition, segment - 1)]])
     run = segment_run(cfg, layout, condition, schedule.segments, plans, segment, owners)
     seg, plan = schedule.segments[segment], plans[segment]
     run_dir = Path(run["run_dir"])
@@ -74,7 +77,8 @@ def _check_shared(sd, condition: str, schedule, segment: int, sharers: list[str]
         theirs = [to_dict(s.data) for s in resolve_condition(sd, other).segments[:segment + 1]]
         if theirs != mine:
             raise ConfigError(f"conditions {condition!r} and {other!r} were planned to share their first "
-                              f"{segment + 1} run(s) but their resolved blends differ; report this "
+                              f"{segment + 1} run(s) but their resolved blends differ. Set 'pretrain.share_runs: false' in "
+                              "the study to train each condition's runs on its own, and report this "
                               "(megatron_align/study/graph.py: shared_segments)")
 
 

@@ -4,6 +4,7 @@ the decision, made from the config alone, matches the blends resolved from the b
 from __future__ import annotations
 
 import pytest
+import yaml
 from data_fixtures import SEQ, make_study
 
 from megatron_align.config import ConfigError, to_dict
@@ -28,6 +29,9 @@ def _first_blend(sd, cond):
 def test_midtraining_only_insertions_share_the_pretraining_run(tmp_path):
     sd = load_study_data(make_study(str(tmp_path), conditions=CONDITIONS))
     owners = shared_segments(sd, list(CONDITIONS))
+    # the run belongs to the condition without insertions, whatever the listing order
+    assert shared_segments(sd, ["al_mid", "mis_mid", "filtered", "unfiltered"]) == {
+        k: v for k, v in owners.items() if k[0] != "al_final10"}
     assert owners[("al_mid", 0)] == "filtered" and owners[("al_mid", 1)] == "al_mid"
     assert owners[("mis_mid", 0)] == "unfiltered" and owners[("mis_mid", 1)] == "mis_mid"
     assert owners[("al_final10", 0)] == "al_final10"
@@ -57,3 +61,19 @@ def test_a_source_read_again_later_at_the_same_length_is_not_shared(tmp_path, mi
     if not shared:  # the run-time check refuses such a plan before anything trains
         with pytest.raises(ConfigError, match="'filtered' and 'al_mid' were planned to share"):
             _check_shared(sd, "filtered", resolve_condition(sd, "filtered"), 0, ["al_mid"])
+
+
+def test_the_same_files_under_another_source_name_are_not_shared(tmp_path):
+    """A midtraining source that names one of the corpus's files is a later read of that prefix."""
+    phases = [{"name": "pretraining", "tokens": 10_000 * SEQ, "seq_length": SEQ, "mix": ["corpus"]},
+              {"name": "midtraining", "tokens": 500 * SEQ, "seq_length": SEQ, "mix": {"mid": 0.5, "web00": 0.5}}]
+    path = make_study(str(tmp_path), conditions=CONDITIONS, phases=phases)
+    raw = yaml.safe_load(open(path).read())
+    corpus00 = raw["data"]["sources"]["corpus"]["paths"][0].replace("corpus_*", "corpus_00")
+    raw["data"]["sources"]["web00"] = {"role": "midtraining", "paths": [corpus00], "needs_filtering": False}
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f, sort_keys=False)
+    sd = load_study_data(path)
+    owners = shared_segments(sd, list(CONDITIONS))
+    assert owners[("mis_mid", 0)] == "mis_mid"
+    assert _first_blend(sd, "mis_mid") != _first_blend(sd, "unfiltered")  # the reason: corpus_00's reads differ

@@ -201,3 +201,15 @@ def test_a_run_after_a_shared_one_starts_from_the_owners_checkpoint(tmp_path):
     assert run["init"] == {"checkpoint": str(Path(layout.run_dir("filtered", "pretrain")) / "checkpoints"),
                            "load_optimizer": False}
     assert run["run_dir"] == layout.run_dir("c", "midtraining")
+
+
+def test_share_runs_false_trains_every_condition_on_its_own(tmp_path):
+    cfg = load_study(preset_path("pythia-6.9b"))
+    shared = build_graph(cfg, tmp_path / "a")
+    assert "pretrain_alignment_upsampled_final10" not in shared.stages
+    assert str(tmp_path / "a" / "runs" / "filtered" / "pretrain") in shared["midtraining_alignment_upsampled_final10"].inputs
+    cfg.pretrain.share_runs = False
+    alone = build_graph(cfg, tmp_path / "b")
+    assert str(tmp_path / "b" / "runs" / "alignment_upsampled_final10" / "pretrain") in alone[
+        "midtraining_alignment_upsampled_final10"].inputs
+    assert len([n for n in alone.stages if n.startswith("pretrain_")]) == 6
