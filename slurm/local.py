@@ -21,7 +21,7 @@ from megatron_align.config import atomic_write_text
 
 from . import stamps
 from .graph import EXIT_REQUEUE, TASK_ID, JobGraph, Stage, torchrun_args
-from .plan import make_plan
+from .plan import make_plan, retire_stale_outputs
 
 
 def run_record_path(workdir: Path) -> Path:
@@ -90,6 +90,7 @@ class LocalRun:
                                   for n in self.graph.topo_order()}}
         self._save()
         todo = plan.todo
+        retire_stale_outputs(plan, out=self.out)
         for f in force or []:  # a forced stage also redoes array tasks an earlier run finished
             for n in [f, *self.graph.dependents(f)]:
                 stamps.clear_stamp(self.workdir, n)

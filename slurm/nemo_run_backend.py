@@ -29,7 +29,7 @@ from megatron_align.config import ConfigError, atomic_write_text
 from . import stamps
 from .cluster import ClusterProfile
 from .graph import EXIT_REQUEUE, JobGraph, Stage
-from .plan import make_plan, write_plan_file
+from .plan import make_plan, retire_stale_outputs, write_plan_file
 from .render import job_name, shell_join, stage_command
 from .submit import slurm_dir, submission_path
 
@@ -152,6 +152,7 @@ def submit_nemo_run(graph: JobGraph, workdir: Path, profile: ClusterProfile, *, 
     if not dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_plan_file(plan, plan_path)
+        retire_stale_outputs(plan, out=out)
         for n in plan.todo:
             stamps.clear_stamp(plan.workdir, n)
     ids: dict[str, str] = {}

@@ -143,6 +143,22 @@ def write_stamp(graph: JobGraph, workdir: Path, name: str, want_hash: str, *, ta
     return True
 
 
+def start_path(workdir: Path, name: str) -> Path:
+    return stamp_dir(workdir) / f"{name}.start.json"
+
+
+def read_start(workdir: Path, name: str) -> dict | None:
+    try:
+        return json.loads(start_path(workdir, name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_start(workdir: Path, name: str, want_hash: str) -> None:
+    atomic_write_text(start_path(workdir, name), json.dumps({"stage": name, "hash": want_hash,
+                                                             "launched_at": time.time()}, indent=1))
+
+
 def clear_stamp(workdir: Path, name: str) -> None:
     for p in stamp_dir(workdir).glob(f"{name}.*json"):
         if p.name == f"{name}.json" or p.name.startswith(f"{name}.task"):

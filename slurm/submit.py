@@ -20,7 +20,7 @@ from megatron_align.config import ConfigError, atomic_write_text
 from . import stamps
 from .cluster import ClusterProfile
 from .graph import JobGraph
-from .plan import make_plan, write_plan_file
+from .plan import make_plan, retire_stale_outputs, write_plan_file
 from .render import Rendered, render_stage
 
 
@@ -80,6 +80,7 @@ def submit(graph: JobGraph, workdir: Path, profile: ClusterProfile, *, dry_run: 
     run_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     write_plan_file(plan, plan_path)
+    retire_stale_outputs(plan, out=out)
     for n in plan.todo:  # a stage about to run again must not look complete from an old stamp
         stamps.clear_stamp(plan.workdir, n)
     record = {"study": graph.name, "workdir": str(plan.workdir), "submitted_at": time.time(),

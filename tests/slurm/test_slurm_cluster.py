@@ -258,3 +258,23 @@ def _restarts(job) -> int:
     out = subprocess.run(["sacct", "-j", str(job), "-n", "-P", "-D", "-X", "-o", "JobID,State"], capture_output=True,
                          text=True).stdout
     return sum(1 for ln in out.splitlines() if "|REQUEUED" in ln)
+
+
+@pytest.mark.parametrize("backend", ["sbatch", "nemo-run"])
+def test_a_forced_training_stage_does_not_resume_its_finished_run(tmp_path, slurm_cluster, wait_for_jobs,
+                                                                  submission, backend):
+    """Submission moves a finished run of a requeue stage aside before the stage runs again, so the
+    job trains afresh (a requeue of that job, which does not go through submission, still resumes)."""
+    from test_study_local import RESUMABLE
+
+    graph = {"name": "redo", "workdir": "work", "stages": [
+        {"name": "train", "command": ["python", "-c", RESUMABLE], "requeue": True, "outputs": ["run"],
+         "env": {"LR": "1"}}]}
+    g, c = _files(tmp_path, graph, slurm_cluster)
+    wd = tmp_path / "work"
+    for extra in ([], ["--force", "train"]):
+        assert submit_main([str(g), "--cluster", str(c), "--backend", backend, *extra]) == 0
+        wait_for_jobs([submission(wd)["stages"]["train"]["job_id"]])
+        assert (wd / "run" / "log").read_text() == "fresh 1\n"
+    assert [(p / "log").read_text() for p in wd.glob("run.replaced-*")] == ["fresh 1\n"]
+    assert _states(g)["train"]["state"] == "complete"

@@ -156,3 +156,41 @@ def test_status_of_a_killed_run_says_interrupted(tmp_path, capsys):
     status_main([str(g), "--json"])
     st = {r["stage"]: r["state"] for r in json.loads(capsys.readouterr().out)["stages"]}
     assert st == {"a": "complete", "slow": "interrupted", "later": "interrupted"}
+
+
+# A resumable stage in miniature: it resumes when its run folder holds a checkpoint, and logs which.
+RESUMABLE = ("import os, pathlib, sys; run = pathlib.Path('run'); resumed = (run / 'ckpt').exists(); "
+             "run.mkdir(exist_ok=True); (run / 'log').open('a').write(('resumed' if resumed else 'fresh') + ' ' "
+             "+ os.environ['LR'] + '\\n'); (run / 'ckpt').write_text('x'); "
+             "f = pathlib.Path('fail-once'); f.exists() and (f.unlink(), sys.exit(1))")
+
+
+def test_a_redone_training_stage_starts_afresh_and_an_unfinished_one_resumes(tmp_path):
+    """A forced or changed requeue stage must not resume its finished run's checkpoint (the old model
+    would pass for the new one): that run is moved aside. One that failed resumes, unless its
+    settings changed since it started."""
+    wd = tmp_path / "work"
+
+    def run(lr, *extra):
+        g = _write(tmp_path, [{"name": "train", "command": ["python", "-c", RESUMABLE], "requeue": True,
+                               "outputs": ["run"], "env": {"LR": lr}}])
+        return run_main([str(g), *extra])
+
+    def log():
+        return (wd / "run" / "log").read_text().splitlines()
+
+    def aside():
+        return sorted((p.name, (p / "log").read_text().split()) for p in wd.glob("run.replaced-*"))
+
+    assert run("1") == 0 and log() == ["fresh 1"]
+    assert run("1") == 0 and log() == ["fresh 1"]  # complete: not run again
+    assert run("1", "--force", "train") == 0 and log() == ["fresh 1"]
+    assert [v for _, v in aside()] == [["fresh", "1"]]  # the finished run is kept, beside
+    assert run("2") == 0 and log() == ["fresh 2"] and len(aside()) == 2  # changed settings
+    (wd / "fail-once").touch()
+    assert run("3") == 1 and log() == ["fresh 3"]
+    assert run("3") == 0 and log() == ["fresh 3", "resumed 3"]  # failed, same settings: resumes
+    (wd / "fail-once").touch()
+    assert run("4") == 1 and log() == ["fresh 4"]
+    assert run("5") == 0 and log() == ["fresh 5"]  # failed, then changed: afresh
+    assert [v for _, v in aside()][-1] == ["fresh", "4"] and len(aside()) == 5
