@@ -189,6 +189,18 @@ def submit_main(argv: list[str] | None = None, prog: str = "malign study submit"
 
     graph, workdir = load_graph(args.study, args.workdir)
     profile = load_cluster(args.cluster, args.set)
+    if not args.dry_run:
+        from .submit import slurm_status
+
+        st = slurm_status(workdir)
+        active = [f"{n} (job {r['job_id']}, {r['state'].lower()})" for n, r in (st or {"stages": {}})["stages"].items()
+                  if r["state"] in ("PENDING", "RUNNING", "CONFIGURING", "SUSPENDED")]
+        if active:
+            # A second submission would run the same stages twice into the same outputs.
+            print(f"{prog}: the last submission from {workdir} still has jobs in the queue: {', '.join(active)}. "
+                  f"Wait for them (`malign study status {args.study}`) or scancel them, then submit again.",
+                  file=sys.stderr)
+            return 2
     if args.backend == "nemo-run":
         from .nemo_run_backend import submit_nemo_run
 

@@ -278,3 +278,23 @@ def test_a_forced_training_stage_does_not_resume_its_finished_run(tmp_path, slur
         assert (wd / "run" / "log").read_text() == "fresh 1\n"
     assert [(p / "log").read_text() for p in wd.glob("run.replaced-*")] == ["fresh 1\n"]
     assert _states(g)["train"]["state"] == "complete"
+
+
+def test_no_second_submission_while_the_first_is_in_the_queue(tmp_path, slurm_cluster, wait_for_jobs, submission,
+                                                               capsys):
+    graph = {"name": "busy", "workdir": "work", "stages": [
+        {"name": "hold", "command": ["bash", "-c", "until [ -e go ]; do sleep 0.2; done"], "outputs": []},
+        {"name": "after", "command": ["touch", "after.txt"], "after": ["hold"], "outputs": ["after.txt"]}]}
+    g, c = _files(tmp_path, graph, slurm_cluster)
+    wd = tmp_path / "work"
+    assert submit_main([str(g), "--cluster", str(c)]) == 0
+    jobs = {n: s["job_id"] for n, s in submission(wd)["stages"].items()}
+    capsys.readouterr()
+    assert submit_main([str(g), "--cluster", str(c)]) == 2
+    err = capsys.readouterr().err
+    assert "still has jobs in the queue" in err and f"after (job {jobs['after']}, pending)" in err
+    assert submission(wd)["stages"]["after"]["job_id"] == jobs["after"]  # nothing was submitted
+    (wd / "go").touch()
+    wait_for_jobs(jobs.values())
+    assert submit_main([str(g), "--cluster", str(c)]) == 0  # all complete now: nothing to do
+    assert submission(wd)["stages"] == {}
