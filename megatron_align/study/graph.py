@@ -151,8 +151,8 @@ def _phase_reads(study: StudyData, condition: str) -> list[set[str]]:
     condition is filtered) and the insertions whose window reaches into it."""
     filtered, inserts = condition_recipe(study, condition)
     reads = []
-    for ph in study.phases:
-        names = set(ph.mix) if isinstance(ph.mix, (dict, list)) else set()
+    for ph in study.phases:  # mix: {source: share} or [source, ...]
+        names = set(ph.mix)
         reads.append({filtered_version(study, n, condition) for n in names} if filtered else names)
     for ins, win in zip(inserts, insertion_windows(study, inserts)[0]):
         names = {ins.source} if ins.source else {n for n, s in study.sources.items() if s.role == ins.role}

@@ -265,6 +265,8 @@ def test_a_forced_training_stage_does_not_resume_its_finished_run(tmp_path, slur
                                                                   submission, backend):
     """Submission moves a finished run of a requeue stage aside before the stage runs again, so the
     job trains afresh (a requeue of that job, which does not go through submission, still resumes)."""
+    if backend == "nemo-run":
+        pytest.importorskip("nemo_run", reason="nemo-run is an optional extra: pip install '.[nemo-run]'")
     from test_study_local import RESUMABLE
 
     graph = {"name": "redo", "workdir": "work", "stages": [
